@@ -1,0 +1,424 @@
+"""Fork isolation: a child process per job (python-pq's and RQ's model).
+
+The parent claims and records; the child only runs the job and reports its outcome through a
+pipe.  A child that segfaults, calls ``os._exit``, is OOM-killed, or runs past its timeout
+(the parent SIGKILLs it) is recorded as a failure with the reason, and the worker lives on.  A
+child whose job's lease is not renewed in time (the parent is frozen, or the database out of
+reach) kills itself, and the job is given back rather than failed.
+
+No database connection crosses the fork: the child disposes the pools it inherited without
+closing them (the parent still uses those sockets) and opens its own if the job needs one.  The
+child dies with its parent (``PR_SET_PDEATHSIG``), ignores SIGINT (a Ctrl-C in the terminal is
+the parent's business), and leaves with ``os._exit`` so no inherited object is cleaned up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute
+
+log = logging.getLogger("sqla_pq.worker")
+
+PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    """Load libc once, in the parent: find_library runs ldconfig, far too slow per child."""
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:  # pragma: no cover - an unusual libc name
+            name = ctypes.util.find_library("c")
+            _libc = ctypes.CDLL(name, use_errno=True) if name else None
+    return _libc
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies."""
+    libc = _libc
+    if libc is None:
+        return False
+    return bool(libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """``512M``, ``2G``, or bytes."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().rstrip("B")
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+@dataclass
+class _Child:
+    job: ClaimedJob
+    pid: int
+    fd: int
+    started: float
+    deadline: float | None
+    timeout: float | None
+    lease_fd: int = -1
+    """The parent's end of the child's lease pipe: a byte after each good heartbeat."""
+    buffer: bytearray = field(default_factory=bytearray)
+    killed_for: str | None = None
+    eof: bool = False
+
+
+class ForkExecutor:
+    mode = "fork"
+
+    def __init__(self, concurrency: int, ctx: ExecutionContext,
+                 prepare_child: Callable[[], None], memory_limit: int | str | None = None,
+                 lease_guard: float | None = None) -> None:
+        self.concurrency = concurrency
+        self.lease_guard = lease_guard
+        """A child whose parent has not renewed its job's lease for this long kills itself: a
+        frozen or partitioned parent cannot keep running a job the rescuer gives to another
+        worker.  The lease counts from ``job.extra["lease_ok_at"]`` (monotonic): the claim."""
+        self.ctx = ctx
+        self.prepare_child = prepare_child
+        self.memory_limit = parse_memory(memory_limit)
+        self.children: dict[int, _Child] = {}  # by pipe fd
+        self._outcomes: list[Outcome] = []
+        self.register_fd: Callable[[int], None] = lambda fd: None
+        self.unregister_fd: Callable[[int], None] = lambda fd: None
+        self._exiting: set[int] = set()
+        """Children whose outcome arrived and that are still tearing down: reaped later, off
+        the job's critical path (an exit costs milliseconds of kernel time)."""
+        _load_libc()
+
+    def free(self) -> int:
+        return self.concurrency - len(self.children)
+
+    def busy(self) -> int:
+        return len(self.children)
+
+    def running(self) -> list[ClaimedJob]:
+        return [c.job for c in self.children.values()]
+
+    def has_outcomes(self) -> bool:
+        return bool(self._outcomes)
+
+    def collect(self) -> list[Outcome]:
+        out, self._outcomes = self._outcomes, []
+        return out
+
+    def submit(self, job: ClaimedJob) -> None:
+        read_fd, write_fd = os.pipe()
+        lease_r, lease_w = os.pipe() if self.lease_guard else (-1, -1)
+        parent = os.getpid()
+        # the lease left when the child starts, counted from when the job's lease was set
+        lease_ok_at = job.extra.get("lease_ok_at", time.monotonic())
+        lease_left = (self.lease_guard - (time.monotonic() - lease_ok_at)
+                      if self.lease_guard else None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(read_fd)
+            if lease_w >= 0:
+                os.close(lease_w)
+            self._child_main(job, write_fd, parent, lease_r, lease_left)
+        try:  # its own process group (set on both sides: no race), so a kill takes grandchildren
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        os.close(write_fd)
+        if lease_r >= 0:
+            os.close(lease_r)
+            os.set_blocking(lease_w, False)
+        os.set_blocking(read_fd, False)
+        timeout = job.extra.get("timeout")
+        now = time.monotonic()
+        self.children[read_fd] = _Child(job, pid, read_fd, now, now + timeout if timeout else None,
+                                        timeout, lease_fd=lease_w)
+        self.register_fd(read_fd)
+
+    def renew_leases(self, job_ids: set[int]) -> None:
+        """After a good heartbeat: tell the children of these jobs their leases were renewed."""
+        for child in self.children.values():
+            if child.lease_fd >= 0 and child.job.id in job_ids:
+                try:
+                    os.write(child.lease_fd, b"+")
+                except (BlockingIOError, BrokenPipeError, OSError):
+                    pass
+
+    def _child_main(self, job: ClaimedJob, write_fd: int, parent: int, lease_fd: int,
+                    lease_left: float | None) -> None:
+        code = 70
+        try:
+            gc.disable()  # the child lives for one job; collecting would only copy pages
+            try:
+                os.setpgid(0, 0)
+            except OSError:
+                pass
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            die_with_parent()
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(code)
+            if lease_fd >= 0 and lease_left is not None and self.lease_guard:
+                _start_lease_watchdog(lease_fd, lease_left, self.lease_guard, job.id, write_fd)
+            random.seed()
+            if self.memory_limit:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
+            self.prepare_child()
+            outcome = execute(job, self.ctx)
+            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            view = memoryview(data)
+            while view:
+                written = os.write(write_fd, view)
+                view = view[written:]
+            code = 0
+            os.close(write_fd)  # the parent has the outcome now, before this process exits
+        except BaseException:  # noqa: BLE001 - the parent reports a child without an outcome
+            try:
+                import traceback
+
+                traceback.print_exc()
+            except BaseException:
+                pass
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except BaseException:
+                pass
+            os._exit(code)
+
+    # -- the parent's side ----------------------------------------------------------------------
+
+    def on_readable(self, fd: int) -> None:
+        child = self.children.get(fd)
+        if child is None:
+            return
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                child.eof = True
+                outcome = self._reported(child)
+                if outcome is not None and child.killed_for is None:
+                    # the job is done; the process may still be exiting: reap it later
+                    self._release(child, outcome)
+                    self._exiting.add(child.pid)
+                    self.reap_exited()
+                else:
+                    self._reap(child, block=True)
+                return
+            child.buffer += chunk
+
+    def _reported(self, child: _Child) -> Outcome | None:
+        if not child.buffer:
+            return None
+        try:
+            outcome: Outcome = pickle.loads(bytes(child.buffer))
+        except Exception:
+            return None
+        outcome.queue = child.job.queue
+        return outcome
+
+    def _release(self, child: _Child, outcome: Outcome) -> None:
+        self.unregister_fd(child.fd)
+        os.close(child.fd)
+        if child.lease_fd >= 0:
+            os.close(child.lease_fd)
+            child.lease_fd = -1
+        self.children.pop(child.fd, None)
+        self._outcomes.append(outcome)
+
+    def reap_exited(self) -> None:
+        """Collect children that finished exiting (no zombies are left behind)."""
+        for pid in list(self._exiting):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._exiting.discard(pid)
+
+    def _drain(self, child: _Child) -> None:
+        """Read what an exited child left in its pipe (without waiting for an EOF a
+        grandchild holding the pipe open would delay)."""
+        while True:
+            try:
+                chunk = os.read(child.fd, 1 << 16)
+            except (BlockingIOError, OSError):
+                return
+            if not chunk:
+                return
+            child.buffer += chunk
+
+    def _reap(self, child: _Child, block: bool) -> bool:
+        try:
+            pid, status, _usage = os.wait4(child.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 0
+        if pid == 0:
+            return False
+        self._drain(child)
+        self._release(child, self._outcome_of(child, status))
+        return True
+
+    def _outcome_of(self, child: _Child, status: int) -> Outcome:
+        job = child.job
+        if child.killed_for == "timeout":
+            return crash_outcome(job, f"JobTimeout: the job ran past its timeout of {child.timeout:g}s "
+                                      "and its process was killed")
+        if child.killed_for == "abort":
+            return Outcome(job.id, job.attempts, "interrupted", queue=job.queue)
+        if child.killed_for == "fenced" or child.buffer.endswith(LEASE_LOST_MARK):
+            return Outcome(job.id, job.attempts, "fenced", queue=job.queue)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and child.buffer:
+            try:
+                outcome: Outcome = pickle.loads(bytes(child.buffer))
+                outcome.queue = job.queue
+                return outcome
+            except Exception:
+                pass
+        return crash_outcome(job, describe_death(status))
+
+    def check_deadlines(self, now: float) -> float | None:
+        upcoming: float | None = None
+        if self._exiting:
+            self.reap_exited()
+        for child in list(self.children.values()):
+            if child.deadline is not None and now >= child.deadline and child.killed_for is None:
+                log.warning("job %s ran past its timeout of %gs; killing its process %s",
+                            child.job.id, child.timeout, child.pid)
+                child.killed_for = "timeout"
+                self._kill(child)
+            elif child.deadline is not None and child.killed_for is None:
+                upcoming = child.deadline if upcoming is None else min(upcoming, child.deadline)
+            if not child.eof:
+                # a child whose pipe stays open (a grandchild holds it) but which has exited
+                self._reap(child, block=False)
+        return upcoming
+
+    def _kill(self, child: _Child) -> None:
+        """SIGKILL the child's process group: the job's own subprocesses die with it."""
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def interrupt_all(self) -> list[ClaimedJob]:
+        """Second signal: kill every child; their jobs are given back."""
+        jobs = []
+        for child in list(self.children.values()):
+            if child.killed_for is None:
+                child.killed_for = "abort"
+                self._kill(child)
+                jobs.append(child.job)
+        return jobs
+
+    def fence(self, job_ids: set[int]) -> None:
+        """Kill the children of these jobs (their leases were lost): reported ``fenced``."""
+        for child in list(self.children.values()):
+            if child.killed_for is None and child.job.id in job_ids:
+                child.killed_for = "fenced"
+                self._kill(child)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            for child in list(self.children.values()):
+                self.on_readable(child.fd)
+                if child.fd in self.children:
+                    self._reap(child, block=False)
+            time.sleep(0.01)
+        return not self.children
+
+    def shutdown(self) -> None:
+        for child in list(self.children.values()):
+            self._kill(child)
+            self._reap(child, block=True)
+        for pid in list(self._exiting):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self._exiting.clear()
+
+
+LEASE_LOST_MARK = b"\x00sqla_pq:lease-lost\x00"
+"""What a child's lease watchdog writes to the outcome pipe before it kills the child: the
+parent then gives the job back (an interruption) instead of failing it as a crash."""
+
+
+def _start_lease_watchdog(fd: int, first: float, guard: float, job_id: int, out_fd: int) -> None:
+    """In the child: a thread that kills this process (and its group) when the parent stops
+    renewing the job's lease, before the rescuer can hand the job to another worker."""
+    import select
+    import threading
+
+    def watch() -> None:
+        deadline = time.monotonic() + max(first, 0.0)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                sys.stderr.write(f"sqla_pq: job {job_id}: the worker stopped renewing its lease; "
+                                 "stopping the job so that it cannot run twice\n")
+                sys.stderr.flush()
+                try:
+                    os.write(out_fd, LEASE_LOST_MARK)
+                except OSError:
+                    pass
+                os.killpg(0, signal.SIGKILL)
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                try:
+                    data = os.read(fd, 64)
+                except OSError:
+                    data = b""
+                if not data:  # the parent is gone; PR_SET_PDEATHSIG covers that case
+                    return
+                deadline = time.monotonic() + guard
+
+    threading.Thread(target=watch, name="sqla_pq-lease-watchdog", daemon=True).start()
+
+
+def describe_death(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        hint = {
+            signal.SIGKILL: " (out of memory? the kernel's OOM killer sends SIGKILL)",
+            signal.SIGSEGV: " (segmentation fault)",
+            signal.SIGABRT: " (aborted)",
+            signal.SIGBUS: " (bus error)",
+        }.get(sig, "")
+        return f"ChildDied: the job's process was killed by {name}{hint}"
+    if os.WIFEXITED(status):
+        return (f"ChildDied: the job's process exited with code {os.WEXITSTATUS(status)} before "
+                "reporting a result (os._exit or sys.exit in the task?)")
+    return f"ChildDied: the job's process ended with status {status}"

@@ -1,0 +1,229 @@
+"""In-process isolation: a pool of ``concurrency`` threads running jobs of one worker.
+
+Cheap (no fork per job), so it suits short jobs.  A job past its timeout gets ``JobTimeout``
+raised inside its thread (``PyThreadState_SetAsyncExc``, what RQ's thread death penalty does);
+a coroutine job is cancelled by asyncio at its timeout instead, and raised into only if it
+ignores that.  Python cannot kill a thread, so one stuck in C code keeps running, and the worker
+keeps the job ``running`` and its lease renewed until the thread really ends: no retry overlaps
+it.  A job whose lease the worker lost gets ``LeaseLost`` raised the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import JobTimeout, LeaseLost
+from .call import (
+    ASYNC_THREADS,
+    ClaimedJob,
+    ExecutionContext,
+    Outcome,
+    execute,
+    failure_outcome,
+    short_error,
+)
+
+log = logging.getLogger("sqla_pq.worker")
+
+
+@dataclass
+class _Slot:
+    job: ClaimedJob
+    thread_id: int
+    started: float
+    deadline: float | None
+    timeout: float | None
+    timed_out: bool = False
+    warned: bool = False
+    fenced: bool = False
+
+
+ASYNC_GRACE = 1.0
+"""Seconds past its timeout a coroutine job gets to end by its own cancellation."""
+
+
+def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Raise ``exc_type`` in another thread at its next bytecode boundary."""
+    res = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+    if res > 1:  # pragma: no cover - undo, as the C API documents
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+        return False
+    return res == 1
+
+
+class ThreadExecutor:
+    mode = "thread"
+
+    def __init__(self, concurrency: int, ctx: ExecutionContext, wake: Callable[[], None],
+                 stuck_grace: float = 5.0) -> None:
+        self.concurrency = concurrency
+        self.ctx = ctx
+        self.wake = wake
+        self.stuck_grace = stuck_grace
+        self._inbox: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
+        self._outcomes: deque[Outcome] = deque()
+        self._slots: dict[int, _Slot] = {}
+        self._submitted = 0
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"sqla_pq-job-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- the worker's side --------------------------------------------------------------------
+
+    def free(self) -> int:
+        with self._lock:
+            return self.concurrency - self._submitted
+
+    def busy(self) -> int:
+        with self._lock:
+            return self._submitted
+
+    def submit(self, job: ClaimedJob) -> None:
+        with self._lock:
+            self._submitted += 1
+        self._inbox.put(job)
+
+    def has_outcomes(self) -> bool:
+        return bool(self._outcomes)
+
+    def collect(self) -> list[Outcome]:
+        out = []
+        while self._outcomes:
+            out.append(self._outcomes.popleft())
+        return out
+
+    def running(self) -> list[ClaimedJob]:
+        with self._lock:
+            return [s.job for s in self._slots.values()]
+
+    def check_deadlines(self, now: float) -> float | None:
+        """Stop jobs past their deadline; return the next deadline (monotonic) to wake for."""
+        upcoming: float | None = None
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            if slot.deadline is None:
+                continue
+            deadline = slot.deadline
+            if slot.thread_id in ASYNC_THREADS:
+                deadline += ASYNC_GRACE  # asyncio cancels it at the timeout itself
+            if now >= deadline and not slot.timed_out:
+                slot.timed_out = True
+                log.warning("job %s ran past its timeout of %gs; stopping it", slot.job.id, slot.timeout)
+                async_raise(slot.thread_id, JobTimeout)
+            elif slot.timed_out and not slot.warned and now >= slot.deadline + self.stuck_grace:
+                slot.warned = True
+                log.error(
+                    "job %s is still running %gs after its timeout (stuck outside Python?); its "
+                    "lease is kept until the thread ends so that no retry overlaps it",
+                    slot.job.id, self.stuck_grace,
+                )
+            if not slot.timed_out:
+                upcoming = deadline if upcoming is None else min(upcoming, deadline)
+        return upcoming
+
+    def interrupt_all(self) -> list[ClaimedJob]:
+        """Second signal: raise in every running job; they are given back by the caller."""
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            async_raise(slot.thread_id, KeyboardInterrupt)
+        return [s.job for s in slots]
+
+    def fence(self, job_ids: set[int]) -> None:
+        """Stop these jobs (their leases were lost): ``LeaseLost`` is raised in their threads,
+        and whatever they end with is reported as ``fenced`` (given back, not recorded)."""
+        with self._lock:
+            slots = [s for s in self._slots.values() if s.job.id in job_ids and not s.fenced]
+            for slot in slots:
+                slot.fenced = True
+        for slot in slots:
+            async_raise(slot.thread_id, LeaseLost)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.busy()
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._inbox.put(None)
+
+    # -- the job threads' side -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                if not self._serve_one():
+                    return
+            except (JobTimeout, LeaseLost):  # a stop raised just as its job ended: too late
+                continue
+
+    def _serve_one(self) -> bool:
+        job = self._inbox.get()
+        if job is None:
+            return False
+        timeout = job.extra.get("timeout")
+        start = time.monotonic()
+        slot = _Slot(job, threading.get_ident(), start,
+                     start + timeout if timeout else None, timeout)
+        with self._lock:
+            self._slots[job.id] = slot
+        if timeout:
+            self.wake()  # the worker's loop must now wake for this deadline
+        outcome: Outcome | None = None
+        try:
+            outcome = self._run(job, slot, timeout)
+        finally:
+            if outcome is None:  # a stop landed between the job's end and its report
+                kind = "fenced" if slot.fenced else "failed"
+                outcome = Outcome(job.id, job.attempts, kind, queue=job.queue,
+                                  error="JobTimeout: the job ran past its timeout" if kind == "failed" else None)
+            self._outcomes.append(outcome)  # before the slot frees: idle implies collectable
+            with self._lock:
+                self._slots.pop(job.id, None)
+                self._submitted -= 1
+            self.wake()
+        return True
+
+    def _run(self, job: ClaimedJob, slot: _Slot, timeout: float | None) -> Outcome:
+        try:
+            outcome = execute(job, self.ctx, async_timeout=timeout)
+        except LeaseLost:
+            outcome = Outcome(job.id, job.attempts, "fenced", queue=job.queue)
+        except KeyboardInterrupt:
+            outcome = Outcome(job.id, job.attempts, "interrupted", queue=job.queue)
+        except BaseException as exc:  # JobTimeout landing outside the task's own frames
+            try:
+                outcome = failure_outcome(job, exc, self.ctx)
+                outcome.queue = job.queue
+            except BaseException as again:  # pragma: no cover - hooks that raise twice
+                outcome = Outcome(job.id, job.attempts, "failed", error=short_error(again),
+                                  queue=job.queue)
+        if slot.fenced:  # whatever it ended with, another worker may hold the job now
+            return Outcome(job.id, job.attempts, "fenced", queue=job.queue)
+        if slot.timed_out and outcome.kind in ("succeeded", "retry", "failed"):
+            text = f"JobTimeout: the job ran past its timeout of {timeout:g}s"
+            if outcome.kind == "succeeded":
+                # it finished after all, but after its deadline: a timeout is a failure
+                from .call import crash_outcome
+
+                outcome = crash_outcome(job, text)
+            else:
+                outcome.error = text
+        return outcome
+
+
+__all__ = ["ThreadExecutor", "async_raise"]
