@@ -1,0 +1,66 @@
+"""Opt-in transactional execution: the task's writes and its `succeeded` commit together."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from sqla_pq import current_session
+from sqla_pq.testing import drain
+from tests.helpers import scalar
+
+
+@pytest.fixture
+def atomic_tasks(pq):
+    @pq.task(name="tests.atomic.signup", atomic=True)
+    def signup(email: str, fail: bool = False) -> int:
+        session = current_session()
+        session.execute(sa.text("INSERT INTO test_users (email) VALUES (:e)"), {"e": email})
+        if fail:
+            raise RuntimeError("after writing")
+        return 1
+
+    return signup
+
+
+def test_writes_and_completion_commit_together(pq, engine, atomic_tasks):
+    job = atomic_tasks.delay("a@b.c")
+    drain(pq)
+    assert pq.get_job(job.id).status == "succeeded"
+    assert scalar(engine, "SELECT count(*) FROM test_users") == 1
+
+
+def test_a_failing_atomic_task_leaves_no_write(pq, engine, atomic_tasks):
+    job = atomic_tasks.delay("x@y.z", fail=True)
+    drain(pq)
+    assert pq.get_job(job.id).status == "failed"
+    assert scalar(engine, "SELECT count(*) FROM test_users") == 0
+
+
+def test_an_attempt_that_lost_its_job_rolls_its_writes_back(pq, engine, atomic_tasks):
+    """The completion's compare-and-set fails (the job was rescued): nothing is committed."""
+    from sqla_pq import queries
+    from sqla_pq.atomic import AtomicRunner
+    from sqla_pq.execution.call import ClaimedJob
+
+    job = atomic_tasks.delay("late@b.c")
+    with pq._cursor() as r:
+        claimed = ClaimedJob.from_tuple(r.run(queries.job_claim(("default",)), {"batch": 1, "worker": "w", "lease": 30.0})[0])
+    with engine.begin() as c:  # the rescuer gave the job to attempt 2 meanwhile
+        c.exec_driver_sql("UPDATE pq_job SET attempts = attempts + 1 WHERE id = %(i)s", {"i": job.id})
+
+    def write() -> int:
+        current_session().execute(sa.text("INSERT INTO test_users (email) VALUES ('late@b.c')"))
+        return 1
+
+    outcome = AtomicRunner(pq)(claimed, write)
+    assert outcome.committed and "rolled back" in (outcome.error or "")
+    assert scalar(engine, "SELECT count(*) FROM test_users") == 0
+    assert pq.get_job(job.id).status == "running"
+
+
+def test_current_session_outside_an_atomic_task_says_how_to_get_one():
+    from sqla_pq.errors import PQError
+
+    with pytest.raises(PQError, match="atomic=True"):
+        current_session()

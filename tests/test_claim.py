@@ -1,0 +1,178 @@
+"""The claim: one statement, ordered, batched, SKIP LOCKED, honouring serial and paused queues."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from sqla_pq import Priority, queries
+from sqla_pq.execution.call import ClaimedJob
+from tests import tasks
+
+
+def claim(pq, queues, batch, priorities=None, worker="w-test"):
+    with pq._cursor() as runner:
+        rows = runner.run(queries.job_claim(tuple(queues) if queues else None, priorities),
+                          {"batch": batch, "worker": worker, "lease": 30.0})
+    return sorted((ClaimedJob.from_tuple(r) for r in rows), key=ClaimedJob.sort_key)
+
+
+def test_queue_order_then_priority_then_run_at_then_insertion(pq):
+    low1 = pq.enqueue(tasks.add, 1, 1, queue="low")
+    high_normal = pq.enqueue(tasks.add, 1, 1, queue="high")
+    high_crit = pq.enqueue(tasks.add, 1, 1, queue="high", priority=Priority.CRITICAL)
+    high_early = pq.enqueue(tasks.add, 1, 1, queue="high", run_at="-1m")
+    high_normal2 = pq.enqueue(tasks.add, 1, 1, queue="high")
+    got = claim(pq, ["high", "low"], 10)
+    assert [j.id for j in got] == [high_crit.id, high_early.id, high_normal.id, high_normal2.id, low1.id]
+    assert all(j.attempts == 1 for j in got)
+
+
+def test_expected_at_orders_within_a_priority(pq):
+    later = pq.enqueue(tasks.add, 1, 1, expected_at="2h")
+    sooner = pq.enqueue(tasks.add, 1, 1, expected_at="5m")
+    plain = pq.enqueue(tasks.add, 1, 1)
+    assert [j.id for j in claim(pq, ["default"], 3)] == [sooner.id, later.id, plain.id]
+
+
+def test_a_batch_takes_at_most_its_size_and_only_ready_jobs(pq):
+    pq.enqueue_many([(tasks.add, (i, i)) for i in range(7)])
+    future = pq.enqueue(tasks.add, 0, 0, run_at="1h")
+    first = claim(pq, ["default"], 5)
+    second = claim(pq, ["default"], 5)
+    assert len(first) == 5 and len(second) == 2
+    assert future.id not in {j.id for j in first + second}
+    assert claim(pq, ["default"], 5) == []
+
+
+def test_later_queues_fill_the_rest_of_a_batch(pq):
+    pq.enqueue_many([(tasks.add, (1, 1))] * 2, queue="a")
+    pq.enqueue_many([(tasks.add, (1, 1))] * 5, queue="b")
+    got = claim(pq, ["a", "b"], 4)
+    assert [j.queue for j in got] == ["a", "a", "b", "b"]
+
+
+def test_a_worker_on_all_queues_orders_by_priority(pq):
+    a = pq.enqueue(tasks.add, 1, 1, queue="x")
+    b = pq.enqueue(tasks.add, 1, 1, queue="y", priority=Priority.HIGH)
+    assert [j.id for j in claim(pq, None, 5)] == [b.id, a.id]
+
+
+def test_dedicated_priorities(pq):
+    pq.enqueue(tasks.add, 1, 1, priority=Priority.LOW)
+    crit = pq.enqueue(tasks.add, 1, 1, priority=Priority.CRITICAL)
+    high = pq.enqueue(tasks.add, 1, 1, priority=Priority.HIGH)
+    got = claim(pq, ["default"], 10, priorities=(Priority.CRITICAL, Priority.HIGH))
+    assert [j.id for j in got] == [crit.id, high.id]
+
+
+def test_paused_queues_give_nothing_until_resumed(pq):
+    pq.enqueue(tasks.add, 1, 1, queue="p")
+    pq.pause_queue("p")
+    assert pq.paused_queues() == ["p"]
+    assert claim(pq, ["p"], 5) == [] and claim(pq, None, 5) == []
+    pq.resume_queue("p")
+    assert len(claim(pq, ["p"], 5)) == 1
+
+
+def test_a_serial_queue_gives_one_job_and_none_while_one_runs(pq, engine):
+    q = pq.queue("serial")
+    assert q.serial, "the queue named 'serial' is serial by default"
+    ids = [q.enqueue(tasks.add, i, i).id for i in range(3)]
+    plain = pq.queue("plain", serial=False).enqueue(tasks.add, 1, 1)
+    got = claim(pq, ["serial", "plain"], 10)
+    assert [j.id for j in got] == [ids[0], plain.id]
+    assert claim(pq, ["serial"], 10) == [], "a second job of a serial queue while one runs"
+    with engine.begin() as c:
+        c.exec_driver_sql("UPDATE pq_job SET status = 'succeeded' WHERE id = %(i)s", {"i": ids[0]})
+    assert [j.id for j in claim(pq, ["serial"], 10)] == [ids[1]]
+
+
+def test_the_database_refuses_a_second_running_job_of_a_serial_queue(pq, engine):
+    """Two claims racing: the unique index turns the loser's claim into an error."""
+    q = pq.queue("s", serial=True)
+    q.enqueue(tasks.add, 1, 1)
+    q.enqueue(tasks.add, 2, 2)
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        from sqla_pq.db import compile_raw
+
+        stmt = compile_raw(queries.job_claim(("s",)), engine.dialect, None)
+        cur.execute(stmt.sql, stmt.params({"batch": 1, "worker": "a", "lease": 30.0}))  # uncommitted
+        assert len(cur.fetchall()) == 1
+        errors: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                claim(pq, ["s"], 1, worker="b")
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        raw.commit()
+        t.join(10)
+        with engine.connect() as c:
+            running = c.exec_driver_sql("SELECT count(*) FROM pq_job WHERE status = 'running'").scalar()
+        assert running == 1
+        assert not errors or "uq_pq_job_serial_running" in str(errors[0])
+    finally:
+        raw.close()
+
+
+def _plan(engine, queues, batch, n_ready, generic=False):
+    with engine.begin() as c:
+        # a backlog in one queue, a few jobs in the queue being claimed: the case where
+        # reading the wrong index would walk the whole backlog
+        c.exec_driver_sql(
+            "INSERT INTO pq_job (queue, task, args, kwargs) SELECT CASE WHEN i %% 100 = 0 THEN "
+            "'default' ELSE 'bulk' END, 'tests.tasks.add', '[1,1]', '{}' "
+            "FROM generate_series(1, %(n)s) AS i", {"n": n_ready})
+        c.exec_driver_sql("ANALYZE pq_job")
+    from sqla_pq.db import compile_raw
+
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        if generic:  # what a worker runs: prepared once, generic plan, literal batch size
+            from sqla_pq.link import Prepared
+
+            stmt = compile_raw(queries.job_claim(queues, None, batch), engine.dialect, None)
+            prepared = Prepared.of(stmt.sql, 0)
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            cur.execute(prepared.prepare_sql)
+            sql, params = prepared.execute_sql, stmt.params({"worker": "x", "lease": 30.0})
+        else:
+            stmt = compile_raw(queries.job_claim(queues), engine.dialect, None)
+            sql, params = stmt.sql, stmt.params({"batch": batch, "worker": "x", "lease": 30.0})
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
+        plan = cur.fetchone()[0]
+        raw.rollback()  # EXPLAIN ANALYZE ran the update
+    finally:
+        raw.close()
+    return plan[0]["Plan"]
+
+
+def _nodes(node):
+    yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child)
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "prepared-generic"])
+@pytest.mark.parametrize("queues, index", [(("default",), "ix_pq_job_ready"),
+                                           (("other", "default"), "ix_pq_job_ready"),
+                                           (None, "ix_pq_job_ready_any")])
+def test_the_claim_plan_uses_the_partial_index_and_locks_no_more_than_its_batch(
+        engine, queues, index, generic):
+    plan = _plan(engine, queues, batch=5, n_ready=20_000, generic=generic)
+    nodes = list(_nodes(plan))
+    used = {n.get("Index Name") for n in nodes if "Index Name" in n}
+    assert index in used, json.dumps(plan, indent=1)[:3000]
+    assert not any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "pq_job" for n in nodes)
+    locked = sum(n["Actual Rows"] * n.get("Actual Loops", 1) for n in nodes if n["Node Type"] == "LockRows")
+    assert 0 < locked <= 5, f"the claim locked {locked} rows for a batch of 5"
