@@ -121,6 +121,12 @@ def _offset_changes(moment: dt.datetime, tz: Any) -> bool:
     return before != after
 
 
+def _offset_changes_between(start: dt.datetime, end: dt.datetime, tz: Any) -> bool:
+    """Whether ``tz`` may change its UTC offset between ``start`` and ``end`` (widened by
+    FOLD_HORIZON on both sides)."""
+    return (start - FOLD_HORIZON).astimezone(tz).utcoffset() != (end + FOLD_HORIZON).astimezone(tz).utcoffset()
+
+
 def _exists(aware_local: dt.datetime) -> bool:
     """False for wall times in a spring-forward gap."""
     roundtrip = aware_local.astimezone(UTC).astimezone(aware_local.tzinfo)
@@ -203,6 +209,9 @@ class Timing:
                 if missed > 1:
                     nxt = nxt + self.interval * missed
                     runs += missed
+            elif self.cron is not None:
+                # a cron tick does not depend on the count: jump straight past the downtime
+                nxt = max(nxt, not_before)
             nxt = self.after(nxt, anchor, runs)
         return nxt, runs
 
@@ -262,6 +271,8 @@ class Timing:
                             best = fitted
                         break
             if best is not None and horizon is None:
+                if not _offset_changes_between(previous, best, tz):
+                    return best  # no DST change near: the first candidate is the next instant
                 # After a fall-back the wall clock repeats: a later wall time's first instant
                 # can come before an earlier wall time's second one.  Look as far ahead as the
                 # largest DST shift there is (two hours, Antarctica/Troll) and keep the earliest.
