@@ -32,6 +32,12 @@ FAST = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # here, not in tests/faults/conftest.py: pytest reads options only from the first conftests
+    parser.addoption("--full-faults", action="store_true", default=False,
+                     help="run the fault-injection scenarios (tests/faults) at the plan's full sizes")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _fast_settings() -> Iterator[None]:
     old = {k: os.environ.get(k) for k in FAST}
