@@ -118,6 +118,16 @@ def scenario(request: pytest.FixtureRequest, db_url: sa.URL, full_faults: bool) 
 
 
 @pytest.fixture
+def tcp_scenario(request: pytest.FixtureRequest, db_url: sa.URL) -> Scenario:
+    """A scenario whose server is reached over TCP, for scenarios that put a proxy in between:
+    the shared server when it listens on TCP, else ``restartable_pg`` (the embedded pgserver
+    listens on a unix socket only)."""
+    if db_url.host and not db_url.host.startswith("/") and "host" not in db_url.query:
+        return request.getfixturevalue("scenario")
+    return request.getfixturevalue("own_scenario")
+
+
+@pytest.fixture
 def own_scenario(request: pytest.FixtureRequest, restartable_pg: PgCluster,
                  full_faults: bool) -> Iterator[Scenario]:
     """A scenario on ``restartable_pg``: a fresh database cloned from its migrated template."""

@@ -162,10 +162,10 @@ def test_s11_killing_each_role_connection_is_survived_without_rescue_or_double_t
 
 
 @pytest.mark.scenario("S11")
-def test_s11_a_claim_whose_answer_is_lost_on_the_wire_does_not_lose_the_job(scenario: Scenario):
+def test_s11_a_claim_whose_answer_is_lost_on_the_wire_does_not_lose_the_job(tcp_scenario: Scenario):
     from tests.faults.tcpproxy import TcpProxy
 
-    sc = scenario
+    sc = tcp_scenario
     proxy = TcpProxy((sc.url.host or "127.0.0.1", sc.url.port or 5432))
     sc.on_cleanup(proxy.close)
     sc.after_workers_killed(proxy.close)

@@ -35,8 +35,8 @@ def _started_after(sc: Scenario, ids, since) -> list[float]:
 
 
 @pytest.mark.scenario("S15")
-def test_s15_a_half_open_listener_is_detected_and_replaced_before_the_poll(scenario: Scenario):
-    sc = scenario
+def test_s15_a_half_open_listener_is_detected_and_replaced_before_the_poll(tcp_scenario: Scenario):
+    sc = tcp_scenario
     proxy, listen_url = _proxied_listen(sc)
     check = 5.0  # SQLA_PQ_LISTEN_CHECK for this test (the default is 10 s)
     w = sc.worker("default", "--isolation", "thread", "-c", "4", label="w",
@@ -61,8 +61,8 @@ def test_s15_a_half_open_listener_is_detected_and_replaced_before_the_poll(scena
 
 
 @pytest.mark.scenario("S15")
-def test_s15_a_listen_path_that_swallows_new_connections_does_not_stop_the_worker(scenario: Scenario):
-    sc = scenario
+def test_s15_a_listen_path_that_swallows_new_connections_does_not_stop_the_worker(tcp_scenario: Scenario):
+    sc = tcp_scenario
     proxy, listen_url = _proxied_listen(sc)
     ttl = 1.0
     w = sc.worker("default", "--isolation", "thread", label="w",
@@ -87,8 +87,8 @@ def test_s15_a_listen_path_that_swallows_new_connections_does_not_stop_the_worke
 
 
 @pytest.mark.scenario("S16")
-def test_s16_notifications_lost_while_reconnecting_are_caught_up_at_once(scenario: Scenario):
-    sc = scenario
+def test_s16_notifications_lost_while_reconnecting_are_caught_up_at_once(tcp_scenario: Scenario):
+    sc = tcp_scenario
     proxy, listen_url = _proxied_listen(sc)
     n = sc.size(50, 200)
     w = sc.worker("default", "--isolation", "thread", "-c", "4", label="w",
