@@ -97,12 +97,12 @@ def _finish(request: pytest.FixtureRequest, sc: Scenario, began: float) -> None:
     write_report(line)
     if failed and call is not None and not call.skipped:
         # shown with the failure: what the workers said
-        print(f"--- worker logs of {sc.code} ---\n{sc.logs()[-8000:]}")
+        print(f"--- worker logs of {sc.code} ---\n{sc.logs()}")
         print(f"--- jobs ---\n{sc.rows('SELECT id, status, attempts, worker_id, error FROM pq_job ORDER BY id LIMIT 20')}")
     violations = invariants.get("violations") or []
     if violations and not (xfail and failed) and not (call is not None and call.skipped):
         raise AssertionError(f"{sc.code}: invariant violations after the scenario:\n  - "
-                             + "\n  - ".join(violations) + "\n" + sc.logs()[-6000:])
+                             + "\n  - ".join(violations) + "\n" + sc.logs())
 
 
 @pytest.fixture

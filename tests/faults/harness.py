@@ -479,8 +479,15 @@ class Scenario:
     def live_workers(self) -> list[FaultWorker]:
         return [w for w in self.workers if w.alive()]
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {w.label} (pid {w.pid}) ---\n{w.output()}" for w in self.workers)
+    def logs(self, per_worker: int = 3000) -> str:
+        """Each worker's log, its routine per-job lines left out, its last ``per_worker``
+        characters: what a failure report needs is every worker's warnings and errors."""
+        routine = (" INFO    Got ", " INFO    Job result = ")
+        parts = []
+        for w in self.workers:
+            lines = [ln for ln in w.output().splitlines() if not any(r in ln for r in routine)]
+            parts.append(f"--- {w.label} (pid {w.pid}) ---\n" + "\n".join(lines)[-per_worker:])
+        return "\n".join(parts)
 
     # -- the ledger ------------------------------------------------------------------------------------------
 

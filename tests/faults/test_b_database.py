@@ -45,8 +45,19 @@ def _restart_under_load(sc: Scenario, fault) -> dict:
     fault()
     up = time.monotonic()
     back_at = wait_until(database_error_tolerant(sc.db_now), 30, message="the database to answer")
-    wait_until(database_error_tolerant(lambda: _all_claiming_again(sc, workers, back_at), False),
+
+    def claiming_again() -> bool:
+        if _all_claiming_again(sc, workers, back_at):
+            return True
+        # a worker still in its reconnect backoff (up to 10 s) must find work when it is back:
+        # keep a little queued, or the others may drain the backlog first and it claims nothing
+        if not sc.scalar("SELECT count(*) FROM pq_job WHERE status = 'queued'"):
+            ids.extend(sc.ledger_ids(8, 0.01, tick=1.0))
+        return False
+
+    wait_until(database_error_tolerant(claiming_again, False),
                sc.size(30, 60), interval=0.1, message="every worker to claim again")
+    n = len(ids)
     claiming_s = (sc.db_now() - back_at).total_seconds()
     wait_until(database_error_tolerant(lambda: _succeeded(sc) == n, False), sc.size(120, 600),
                interval=0.2, message="every job to succeed")
