@@ -43,6 +43,8 @@ import psutil
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
+from tests.helpers import wait_until  # noqa: F401 - the scenarios import it from here
+
 ROOT = Path(__file__).resolve().parents[2]
 FAKETIME_SITE = Path(__file__).resolve().parent / "faketime_site"
 FAKETIME_LIBS = (
@@ -126,19 +128,6 @@ def faketime_lib() -> str | None:
         if os.path.exists(lib):
             return lib
     return None
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-               message: str = "condition") -> Any:
-    """Poll until ``predicate()`` is truthy (returned); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def database_error_tolerant(fn: Callable[[], Any], default: Any = None) -> Callable[[], Any]:

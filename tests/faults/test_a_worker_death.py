@@ -45,7 +45,9 @@ def _rescue_delays(sc: Scenario, ids, since) -> list[float]:
 
 
 @pytest.mark.scenario("S01")
-def test_s01_kill_9_of_one_thread_worker_loses_nothing_and_runs_nothing_twice(scenario: Scenario):
+def test_s01_kill_9_of_one_thread_worker_loses_nothing_and_reruns_only_its_jobs_in_flight(scenario: Scenario):
+    """At-least-once: a job the victim held at the kill runs again even when its body had
+    already finished (its completion was not yet written); no other job runs twice."""
     sc = scenario
     n = sc.size(1000, 10_000)
     ids = sc.ledger_ids(n, 0.02, tick=1.0)
@@ -73,8 +75,11 @@ def test_s01_kill_9_of_one_thread_worker_loses_nothing_and_runs_nothing_twice(sc
               executions=ex["executions"], unfinished_executions=ex["unfinished_executions"],
               max_finished_per_job=ex["max_finished_per_job"], overlaps=sc.overlaps(),
               jobs_per_s=round(n / wall, 1))
+    twice = {r[0] for r in sc.rows("SELECT job_id FROM fault_ledger GROUP BY job_id HAVING count(*) > 1")}
     assert counts == {"succeeded": n}, counts
-    assert ex["jobs"] == n and ex["max_finished_per_job"] == 1, ex
+    assert ex["jobs"] == n and ex["max_started_per_job"] <= 2, ex
+    assert twice <= set(in_flight), (twice, in_flight)
+    assert ex["executions"] <= n + len(in_flight), ex
     assert ex["unfinished_executions"] <= 2, ex
     assert len(in_flight) <= 2 and len(delays) == len(in_flight), (in_flight, delays)
     assert all(a == 2 for a in attempts.values()), attempts
