@@ -27,6 +27,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+def plan_nodes(node: dict[str, Any]):
+    """Every node of an EXPLAIN (FORMAT JSON) plan, depth first."""
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
+
+
 class WorkerProcess:
     """``sqla-pq worker`` in its own process group."""
 

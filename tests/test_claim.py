@@ -10,6 +10,7 @@ import pytest
 from sqla_pq import Priority, queries
 from sqla_pq.execution.call import ClaimedJob
 from tests import tasks
+from tests.helpers import plan_nodes
 
 
 def claim(pq, queues, batch, priorities=None, worker="w-test"):
@@ -157,12 +158,6 @@ def _plan(engine, queues, batch, n_ready, generic=False):
     return plan[0]["Plan"]
 
 
-def _nodes(node):
-    yield node
-    for child in node.get("Plans", []):
-        yield from _nodes(child)
-
-
 @pytest.mark.parametrize("generic", [False, True], ids=["custom", "prepared-generic"])
 @pytest.mark.parametrize("queues, index", [(("default",), "ix_pq_job_ready"),
                                            (("other", "default"), "ix_pq_job_ready"),
@@ -170,7 +165,7 @@ def _nodes(node):
 def test_the_claim_plan_uses_the_partial_index_and_locks_no_more_than_its_batch(
         engine, queues, index, generic):
     plan = _plan(engine, queues, batch=5, n_ready=20_000, generic=generic)
-    nodes = list(_nodes(plan))
+    nodes = list(plan_nodes(plan))
     used = {n.get("Index Name") for n in nodes if "Index Name" in n}
     assert index in used, json.dumps(plan, indent=1)[:3000]
     assert not any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "pq_job" for n in nodes)

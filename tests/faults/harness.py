@@ -153,6 +153,7 @@ class FaultWorker:
         self.scenario = scenario
         self.args = list(args)
         self.label = label or name or f"w{len(scenario.workers) + 1}"
+        self.frozen = False  # set once the scenario SIGSTOPs it
         self.log_path = Path(tempfile.mkstemp(prefix=f"sqla_pq_fault_{self.label}_", suffix=".log")[1])
         cmd = [sys.executable, "-m", "sqla_pq", "worker", *self.args]
         if name:
@@ -214,14 +215,14 @@ class FaultWorker:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        self._reap()
 
     def kill_parent(self) -> None:
         """SIGKILL the worker process only, not its group."""
         self.signal(signal.SIGKILL)
+        self._reap()
+
+    def _reap(self) -> None:
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -249,10 +250,7 @@ class FaultWorker:
                 os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        self._reap()
 
 
 # -- the background sampler -------------------------------------------------------------------------------
@@ -699,7 +697,7 @@ class Scenario:
         report["max_xact_age_s"] = {k: round(v, 2) for k, v in self.sampler.max_xact_age.items()}
         report["activity_samples"] = self.sampler.samples
         # a worker the scenario froze (SIGSTOP) mid-transaction holds it open: that is the fault
-        frozen = [f".{w.pid}." for w in self.workers if getattr(w, "frozen", False)]
+        frozen = [f".{w.pid}." for w in self.workers if w.frozen]
         idle_in_tx = [(app, age) for app, age in self.sampler.idle_in_tx
                       if not any(tag in app for tag in frozen)]
         if idle_in_tx and "idle-in-transaction" not in self.allow:

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.faults.harness import LEASE, RESCUE, Scenario, wait_until
+from tests.helpers import plan_nodes
 
 pytestmark = pytest.mark.fault
 
@@ -109,12 +110,6 @@ def _explain(sc: Scenario, queues, batch: int) -> dict:
     return plan[0]["Plan"]
 
 
-def _nodes(node):
-    yield node
-    for child in node.get("Plans", []):
-        yield from _nodes(child)
-
-
 @pytest.mark.scenario("S20")
 def test_s20_the_claim_plan_locks_its_batch_through_the_ready_index_in_a_materialized_cte(scenario: Scenario):
     sc = scenario
@@ -130,7 +125,7 @@ def test_s20_the_claim_plan_locks_its_batch_through_the_ready_index_in_a_materia
                                  ("two queues", ("q3", "q7"), "ix_pq_job_ready"),
                                  ("all queues", None, "ix_pq_job_ready_any")):
         plan = _explain(sc, queues, 5)
-        nodes = list(_nodes(plan))
+        nodes = list(plan_nodes(plan))
         used = {n.get("Index Name") for n in nodes if "Index Name" in n}
         locked = sum(n["Actual Rows"] * n.get("Actual Loops", 1) for n in nodes if n["Node Type"] == "LockRows")
         materialized = any(n.get("Subplan Name", "").startswith("CTE candidates") for n in nodes)
