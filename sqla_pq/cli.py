@@ -1,6 +1,6 @@
 """``sqla-pq``: the command line.
 
-    sqla-pq worker [QUEUE ...] [--burst] [--isolation fork|thread] [--concurrency N]
+    sqla-pq worker [QUEUE ...] [--burst] [--isolation fork|thread] [--concurrency N] [--prefetch N]
     sqla-pq enqueue PATH [ARGS ...] [--queue Q] [--timeout T] [--run-at WHEN]
     sqla-pq schedule WHEN PATH [ARGS ...] [--repeat N --interval S --mo ... | --cron EXPR]
     sqla-pq status | requeue ID... | cancel ID... | prune | migrate | benchmark | demo
@@ -37,8 +37,13 @@ def _parse_value(text: str) -> Any:
 
 def _setup_logging(verbosity: int, command: str | None = None) -> None:
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s",
-                        datefmt="%H:%M:%S")
+    fmt, datefmt = "%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"
+    if command == "worker" and not logging.getLogger().handlers:
+        from .logs import install
+
+        install(level, fmt, datefmt)  # two lines per job: written in batches, not one by one
+    else:
+        logging.basicConfig(level=level, format=fmt, datefmt=datefmt)
     if command != "migrate" and verbosity <= 0:  # alembic narrates every run at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -87,6 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         name=args.name,
         isolation=args.isolation,
         concurrency=args.concurrency,
+        prefetch=args.prefetch,
         max_runtime=args.max_runtime,
         rate_limit=args.rate_limit,
         priorities=args.priority or None,
@@ -288,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", help="worker name (default: host.pid)")
     w.add_argument("--isolation", choices=["fork", "thread"], default="fork")
     w.add_argument("-c", "--concurrency", type=int, default=1)
+    w.add_argument("--prefetch", type=int, default=0,
+                   help="thread mode: hold this many jobs beyond -c, started as threads free up")
     w.add_argument("--max-runtime", type=float, help="cap on any job's timeout, in seconds")
     w.add_argument("--rate-limit", type=float, help="minimum seconds between two job starts")
     w.add_argument("--priority", type=int, action="append",

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..logs import flush_logs
 from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute
 
 log = logging.getLogger("sqla_pq.worker")
@@ -111,6 +112,10 @@ class ForkExecutor:
 
     def busy(self) -> int:
         return len(self.children)
+
+    def release_waiting(self, job_ids: set[int] | None = None) -> list[ClaimedJob]:
+        """Nothing waits here: a job forks the moment it is submitted (no prefetch)."""
+        return []
 
     def running(self) -> list[ClaimedJob]:
         return [c.job for c in self.children.values()]
@@ -202,6 +207,7 @@ class ForkExecutor:
                 pass
         finally:
             try:
+                flush_logs()  # the CLI's log lines are buffered; os._exit would drop them
                 sys.stdout.flush()
                 sys.stderr.flush()
             except BaseException:

@@ -1,0 +1,70 @@
+"""The worker command's log handler: lines are written in batches, never lost or doubled."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+from sqla_pq.logs import BufferedStreamHandler, flush_logs
+from tests.helpers import wait_until
+
+
+def _logger(handler: logging.Handler, name: str) -> logging.Logger:
+    log = logging.getLogger(name)
+    log.propagate = False
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    return log
+
+
+def test_info_lines_are_written_together_shortly_after_and_warnings_at_once():
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, max_delay=0.2)
+    log = _logger(handler, "test_logs.batches")
+    log.info("one")
+    log.info("two")
+    assert stream.getvalue() == "", "an INFO line was written on its own"
+    wait_until(lambda: stream.getvalue() == "one\ntwo\n", 5, message="the batch to be written")
+    log.info("three")
+    log.warning("careful")
+    assert stream.getvalue() == "one\ntwo\nthree\ncareful\n", "a warning waited in the buffer"
+
+
+def test_a_fork_child_does_not_write_its_parents_lines_again(tmp_path):
+    path = tmp_path / "worker.log"
+    with open(path, "a", encoding="utf-8") as stream:
+        handler = BufferedStreamHandler(stream, max_delay=60.0)
+        root = logging.getLogger()
+        root.addHandler(handler)  # flush_logs (the fork hook) looks at the root's handlers
+        try:
+            _logger(handler, "test_logs.fork").info("before the fork")
+            pid = os.fork()
+            if pid == 0:  # the child logs a line of its own and leaves as a fork child does
+                _logger(handler, "test_logs.fork").info("in the child")
+                flush_logs()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            handler.flush()
+        finally:
+            root.removeHandler(handler)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert sorted(lines) == ["before the fork", "in the child"], lines
+
+
+def test_the_worker_command_logs_every_job_through_the_buffer(pq, url_str):
+    import subprocess
+    import sys
+
+    from tests import tasks
+
+    jobs = [pq.enqueue(tasks.add, i, 1) for i in range(20)]
+    out = subprocess.run(
+        [sys.executable, "-m", "sqla_pq", "worker", "default", "--url", url_str, "--burst",
+         "--isolation", "thread", "-c", "4"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("Got add(") == 20 and out.stderr.count("Job result = ") == 20
+    assert "stopped after 20 jobs" in out.stderr.splitlines()[-1]
+    assert all(pq.get_job(j.id).status == "succeeded" for j in jobs)
