@@ -187,6 +187,7 @@ def job_insert_many(varying: frozenset[str] = frozenset(INSERT_COLUMNS)) -> sa.I
     )
 
 
+@functools.cache
 def job_ids_reserve() -> sa.Select:
     """Reserve ids ahead of the insert (a signed dill payload covers its job's id)."""
     return select(job_id_seq.next_value()).select_from(
@@ -221,6 +222,7 @@ def job_upsert() -> sa.Insert:
     ).returning(*INSERT_RETURNING)
 
 
+@functools.cache
 def job_detach_client_id() -> sa.Update:
     """Free a running job's client_id (kept in meta) so an upsert can queue its successor."""
     return (
@@ -236,6 +238,7 @@ def job_detach_client_id() -> sa.Update:
     )
 
 
+@functools.cache
 def job_lock_parents() -> sa.Update:
     """Mark the parents of a job being enqueued and lock them: a parent finishing at the same
     moment waits for this transaction, so its release of dependants sees the new job."""
@@ -247,6 +250,7 @@ def job_lock_parents() -> sa.Update:
     )
 
 
+@functools.cache
 def dependency_insert() -> sa.Insert:
     """Record which parents a job waits for (edges from unfinished parents only)."""
     rows = func.unnest(
@@ -259,6 +263,7 @@ def dependency_insert() -> sa.Insert:
     )
 
 
+@functools.cache
 def flow_insert() -> sa.Insert:
     """Create a flow row."""
     return insert(flow_table).values(
@@ -287,6 +292,18 @@ def _distinct_on(stmt: sa.Select, column: Any) -> sa.Select:
 
 
 CLAIM_KEYS = tuple(c.key for c in CLAIM_COLUMNS) + ("queue_rank",)
+
+
+def claim_size(free: int) -> int:
+    """The batch to claim for ``free`` slots: rounded down to 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+    The batch size is a literal of the claim (see ``_batch_limit``), so each size is a
+    statement compiled and PREPAREd on its own: a worker meets a handful of sizes, not one per
+    count of free slots (16 slots would mean 32 statements to plan, ~10 ms each, in a drain
+    that lasts two seconds)."""
+    if free < 4:
+        return max(free, 0)
+    power = 1 << (free.bit_length() - 1)
+    return power + power // 2 if free >= power + power // 2 else power
 
 
 def _batch_limit(batch: int | None) -> Any:
@@ -375,6 +392,7 @@ def job_claim(queues: tuple[str, ...] | None, priorities: tuple[int, ...] | None
     )
 
 
+@functools.cache
 def job_claim_by_id() -> sa.Update:
     """Claim one given job if it is ready (pq.run_job, is_async queues, tests).  Nothing
     heartbeats for such a run, so its lease covers the job's timeout (or ``:job_timeout``) plus
@@ -390,6 +408,7 @@ def job_claim_by_id() -> sa.Update:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def job_next_run_at(queues: tuple[str, ...] | None) -> sa.Select:
     """When the earliest queued job of these queues becomes ready (the idle worker's alarm)."""
     stmt = select(func.min(j.c.run_at)).where(j.c.status == QUEUED)
@@ -463,6 +482,7 @@ def job_complete_and_claim(queues: tuple[str, ...] | None,
     ).select_from(one.outerjoin(claimed, sa.true()))
 
 
+@functools.cache
 def job_fail() -> sa.Update:
     """Mark a running attempt failed for good (its retries are spent, or it cannot be retried)."""
     return (
@@ -482,6 +502,7 @@ def job_fail() -> sa.Update:
     )
 
 
+@functools.cache
 def job_retry() -> sa.Update:
     """Put a failed running attempt back in the queue after ``:delay`` seconds."""
     return (
@@ -500,6 +521,7 @@ def job_retry() -> sa.Update:
     )
 
 
+@functools.cache
 def job_cancel_running() -> sa.Update:
     """A running attempt stops its own job for good (the task raised Cancel)."""
     return (
@@ -512,6 +534,7 @@ def job_cancel_running() -> sa.Update:
     )
 
 
+@functools.cache
 def job_next_step() -> sa.Update:
     """A multi-step job finished one of its tasks: back to the queue for the next one (any
     worker may run it), with its workspace and step saved (django-db-queue's READY)."""
@@ -535,18 +558,38 @@ def _given_back(reason: str, *, holder: bool = False) -> sa.Update:
     return _interrupt(update(j).where(*conditions), reason)
 
 
+@functools.cache
 def job_requeue_interrupted() -> sa.Update:
     """Give back jobs a stopping worker aborted (second signal): queued again, one more
     interruption counted, failed once ``max_interruptions`` is reached."""
     return _given_back("Interrupted: the worker was stopped while the job ran")
 
 
+@functools.cache
 def job_requeue_lost() -> sa.Update:
     """Give back jobs a worker stopped because it could not renew their leases (it was frozen,
     or the database was out of reach): an interruption, not a failure of the task.  A no-op for
     an attempt the rescuer already took back."""
     return _given_back("LeaseLost: the worker could not renew the job's lease and stopped it",
                        holder=True)
+
+
+@functools.cache
+def job_release() -> sa.Update:
+    """Give back jobs a worker held but never started (prefetched, then it stopped or its
+    lease was in doubt): queued again exactly as before the claim, no attempt or interruption
+    counted.  Only the holder's current attempt: a no-op for a job the rescuer took back."""
+    rows = func.unnest(
+        bindparam("ids", type_=ARRAY(BigInteger)), bindparam("attempt_list", type_=ARRAY(Integer))
+    ).table_valued("id", "attempt").render_derived(name="v")
+    return (
+        update(j)
+        .where(j.c.id == rows.c.id, j.c.status == RUNNING, j.c.attempts == rows.c.attempt,
+               j.c.worker_id == bindparam("worker"))
+        .values(status=QUEUED, attempts=j.c.attempts - 1, started_at=None, worker_id=None,
+                lease_until=None)
+        .returning(j.c.id, j.c.queue)
+    )
 
 
 def _interrupt(stmt: sa.Update, reason: str) -> sa.Update:
@@ -561,6 +604,7 @@ def _interrupt(stmt: sa.Update, reason: str) -> sa.Update:
     ).returning(j.c.id, j.c.status, j.c.has_dependants, j.c.queue, j.c.worker_id)
 
 
+@functools.cache
 def job_rescue_stale() -> sa.Update:
     """Re-queue (or fail, after max_interruptions) the running jobs whose lease expired.
 
@@ -581,6 +625,7 @@ def job_rescue_stale() -> sa.Update:
     )
 
 
+@functools.cache
 def job_sweep_deferred() -> sa.Update:
     """Release deferred jobs none of whose parents is still pending (a release that a crash
     between a parent's finish and its release step left undone).  Parents pruned after
@@ -600,6 +645,7 @@ def job_sweep_deferred() -> sa.Update:
     )
 
 
+@functools.cache
 def job_deferred_doomed() -> sa.Select:
     """Parents that failed or were cancelled while dependants still wait on them."""
     d = dependency_table
@@ -612,11 +658,13 @@ def job_deferred_doomed() -> sa.Select:
     )
 
 
+@functools.cache
 def job_delete_inserted() -> sa.Delete:
     """Take back rows this transaction just inserted (a bulk enqueue that hit duplicates)."""
     return delete(j).where(j.c.id == sa.any_(bindparam("ids", type_=ARRAY(BigInteger))))
 
 
+@functools.cache
 def job_delete_ids() -> sa.Delete:
     """Delete finished jobs at once (result_ttl = 0)."""
     return delete(j).where(
@@ -628,6 +676,7 @@ def job_delete_ids() -> sa.Delete:
 # -- dependencies ------------------------------------------------------------------------------------
 
 
+@functools.cache
 def job_release_dependants() -> sa.Update:
     """Count down the dependants of parents that just succeeded; those with nothing left to
     wait for become queued.  Row locks serialise two parents finishing at once."""
@@ -647,6 +696,7 @@ def job_release_dependants() -> sa.Update:
     )
 
 
+@functools.cache
 def job_cancel_dependants() -> sa.Update:
     """Cancel (or fail, as each chose) the waiting dependants of parents that failed or were
     cancelled, saying which parent and why.  Callers repeat it down the graph."""
@@ -681,16 +731,19 @@ def job_cancel_dependants() -> sa.Update:
 # -- the API's verbs on one job ----------------------------------------------------------------------
 
 
+@functools.cache
 def job_get() -> sa.Select:
     """One job by id."""
     return select(j).where(j.c.id == bindparam("job_id"))
 
 
+@functools.cache
 def job_get_by_client_id() -> sa.Select:
     """One job by client_id."""
     return select(j).where(j.c.client_id == bindparam("client_id"))
 
 
+@functools.cache
 def job_status_many() -> sa.Select:
     """States of several jobs (waiting for results)."""
     return select(j.c.id, j.c.status).where(
@@ -698,6 +751,7 @@ def job_status_many() -> sa.Select:
     )
 
 
+@functools.cache
 def job_cancel() -> sa.Update:
     """Cancel a job that has not started (queued or deferred)."""
     return (
@@ -709,6 +763,7 @@ def job_cancel() -> sa.Update:
     )
 
 
+@functools.cache
 def job_requeue() -> sa.Update:
     """Queue a finished job again (a failed one, typically), now, with its retries restored."""
     return (
@@ -723,6 +778,7 @@ def job_requeue() -> sa.Update:
     )
 
 
+@functools.cache
 def job_delete() -> sa.Delete:
     """Delete one job, whatever its state."""
     return delete(j).where(j.c.id == bindparam("job_id")).returning(j.c.id, j.c.status,
@@ -747,6 +803,7 @@ def job_clear(statuses: Sequence[str], before: bool, queue: bool) -> sa.Delete:
     return delete(j).where(*conditions)
 
 
+@functools.cache
 def queue_depths() -> sa.Select:
     """Job counts per queue and state."""
     return select(j.c.queue, j.c.status, func.count()).group_by(j.c.queue, j.c.status)
@@ -760,6 +817,7 @@ def queue_set(**values: Any) -> sa.Insert:
     )
 
 
+@functools.cache
 def queue_list() -> sa.Select:
     return select(queue_table).order_by(queue_table.c.name)
 
@@ -767,6 +825,7 @@ def queue_list() -> sa.Select:
 # -- messages (pq's put/get queues) ------------------------------------------------------------------
 
 
+@functools.cache
 def message_get() -> sa.Update:
     """Take the next ready message of a queue: consumed at once (or with the caller's
     transaction)."""
@@ -796,6 +855,7 @@ def message_get() -> sa.Update:
 sch = schedule_table
 
 
+@functools.cache
 def schedule_due() -> sa.Select:
     """Active schedules whose next tick has come, locked (SKIP LOCKED: several schedulers
     share the work), with the database's now()."""
@@ -808,6 +868,7 @@ def schedule_due() -> sa.Select:
     )
 
 
+@functools.cache
 def tick_insert() -> sa.Insert:
     """Claim a tick: the primary key (schedule, tick time) makes it happen once, whatever the
     number of schedulers."""
@@ -820,6 +881,7 @@ def tick_insert() -> sa.Insert:
     )
 
 
+@functools.cache
 def tick_set_job() -> sa.Update:
     """Record the job a tick made."""
     return (
@@ -830,6 +892,7 @@ def tick_set_job() -> sa.Update:
     )
 
 
+@functools.cache
 def schedule_active_jobs() -> sa.Select:
     """Jobs of a schedule still queued, waiting or running (overlap control)."""
     return select(func.count()).where(
@@ -838,6 +901,7 @@ def schedule_active_jobs() -> sa.Select:
     )
 
 
+@functools.cache
 def schedule_advance() -> sa.Update:
     """Move a schedule past the tick it just fired (compare-and-set on that tick)."""
     return (
@@ -857,6 +921,7 @@ def schedule_advance() -> sa.Update:
 # -- maintenance -------------------------------------------------------------------------------------
 
 
+@functools.cache
 def job_prune() -> sa.Delete:
     """Delete up to ``:batch`` jobs whose keep-until time has passed (skipping locked rows)."""
     expired = (
@@ -869,6 +934,7 @@ def job_prune() -> sa.Delete:
     return delete(j).where(j.c.id.in_(expired)).returning(j.c.id)
 
 
+@functools.cache
 def flow_prune() -> sa.Delete:
     """Delete flows none of whose jobs remain (a flow expires with its last job)."""
     f = flow_table
@@ -878,11 +944,13 @@ def flow_prune() -> sa.Delete:
     )
 
 
+@functools.cache
 def tick_prune() -> sa.Delete:
     """Forget tick markers older than ``:keep`` seconds (their jobs are long gone)."""
     return delete(tick_table).where(tick_table.c.tick_at < func.now() - _seconds("keep"))
 
 
+@functools.cache
 def maintenance_try_lock() -> sa.Select:
     """Take a transaction-scoped advisory lock, or not: one worker at a time runs a loop."""
     return select(func.pg_try_advisory_xact_lock(bindparam("key", type_=BigInteger)))
@@ -891,6 +959,7 @@ def maintenance_try_lock() -> sa.Select:
 # -- workers -----------------------------------------------------------------------------------------
 
 
+@functools.cache
 def worker_register() -> Any:
     """Add this worker's row (its lease starts now)."""
     return pg_insert(w).values(
@@ -905,6 +974,7 @@ def worker_register() -> Any:
     )
 
 
+@functools.cache
 def worker_heartbeat() -> sa.Select:
     """Renew the leases of the jobs this worker holds and its own row, in one statement.
 
@@ -944,6 +1014,7 @@ def worker_heartbeat() -> sa.Select:
     )
 
 
+@functools.cache
 def worker_unregister() -> sa.Delete:
     """Remove this worker's row at a clean exit."""
     return delete(w).where(w.c.id == bindparam("wid"))
@@ -957,10 +1028,12 @@ def worker_request_stop(all_workers: bool) -> sa.Update:
     return stmt
 
 
+@functools.cache
 def worker_list() -> sa.Select:
     return select(w, (w.c.expires_at > func.now()).label("alive")).order_by(w.c.started_at)
 
 
+@functools.cache
 def worker_prune_dead() -> sa.Delete:
     """Forget workers whose lease expired long ago and that hold no running job."""
     return delete(w).where(
@@ -972,11 +1045,13 @@ def worker_prune_dead() -> sa.Delete:
 # -- notifications -----------------------------------------------------------------------------------
 
 
+@functools.cache
 def notify() -> sa.Select:
     """Wake listening workers; delivered at commit, one per distinct payload per transaction."""
     return select(func.pg_notify(NOTIFY_CHANNEL, bindparam("payload", type_=Text)))
 
 
+@functools.cache
 def now() -> sa.Select:
     """The database's clock."""
     return select(func.now())

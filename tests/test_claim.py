@@ -171,3 +171,12 @@ def test_the_claim_plan_uses_the_partial_index_and_locks_no_more_than_its_batch(
     assert not any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "pq_job" for n in nodes)
     locked = sum(n["Actual Rows"] * n.get("Actual Loops", 1) for n in nodes if n["Node Type"] == "LockRows")
     assert 0 < locked <= 5, f"the claim locked {locked} rows for a batch of 5"
+
+
+def test_a_claimed_row_maps_onto_claimedjob_field_by_field():
+    """``ClaimedJob.from_tuple`` builds the job positionally (no dict per row on the hot path):
+    the claim's RETURNING order must be the dataclass's field order."""
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(ClaimedJob) if f.name != "extra"]
+    assert fields == list(queries.CLAIM_KEYS)

@@ -87,13 +87,12 @@ class ClaimedJob:
     @classmethod
     def from_tuple(cls, row: Sequence[Any]) -> ClaimedJob:
         """From a row of ``queries.job_claim`` (or ``job_claim_by_id``)."""
-        from ..queries import CLAIM_KEYS
-
-        values = dict(zip(CLAIM_KEYS, row))
-        for key in ("payload", "signature"):
-            if isinstance(values.get(key), memoryview):
-                values[key] = bytes(values[key])
-        return cls(**values)
+        job = cls(*row)  # the claim's RETURNING lists the fields in this order (queries.CLAIM_KEYS)
+        if job.payload is not None:
+            job.payload = bytes(job.payload)
+            if job.signature is not None:
+                job.signature = bytes(job.signature)
+        return job
 
     @property
     def name(self) -> str | None:
@@ -105,12 +104,13 @@ class ClaimedJob:
         return self.attempts
 
     def sort_key(self) -> tuple[Any, ...]:
-        far = dt.datetime.max.replace(tzinfo=dt.UTC)
-        return (self.queue_rank, -self.priority, self.expected_at or far, self.run_at or far, self.id)
+        return (self.queue_rank, -self.priority, self.expected_at or _FAR, self.run_at or _FAR, self.id)
 
     def __repr__(self) -> str:
         return f"<ClaimedJob id={self.id} task={self.task!r} attempt={self.attempts}>"
 
+
+_FAR = dt.datetime.max.replace(tzinfo=dt.UTC)
 
 _current_job: contextvars.ContextVar[ClaimedJob | None] = contextvars.ContextVar(
     "sqla_pq_current_job", default=None
