@@ -39,7 +39,7 @@ from .execution.fork import ForkExecutor
 from .execution.thread import ThreadExecutor
 from .link import Link
 from .notify import Listener
-from .record import Completed, complete_params, record_outcomes
+from .record import Completed, complete_params, notify, record_outcomes
 from .serialization import describe_call
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ class Worker:
         name: str | None = None,
         isolation: str = "fork",
         concurrency: int = 1,
+        prefetch: int = 0,
         max_runtime: float | None = None,
         priorities: Iterable[int] | None = None,
         pre_execute: Callable[[ClaimedJob], Any] | None = None,
@@ -143,6 +144,11 @@ class Worker:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, not {isolation!r}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 or more, not {prefetch!r}")
+        if prefetch and isolation != "thread":
+            raise ValueError("prefetch needs isolation='thread': a fork worker forks each job "
+                             "the moment it claims it")
         if isinstance(queues, str):
             queues = [q for q in queues.replace(",", " ").split() if q]
         self.queues: tuple[str, ...] | None = (
@@ -155,6 +161,8 @@ class Worker:
         self.id = f"{self.name}.{secrets.token_hex(6)}"[:128]
         self.isolation = isolation
         self.concurrency = concurrency
+        self.prefetch = prefetch
+        """Jobs held beyond ``concurrency`` (thread mode), started as threads free up."""
         self.max_runtime = max_runtime
         self.priorities = tuple(sorted(set(priorities), reverse=True)) if priorities else None
         self.rate_limit = rate_limit
@@ -194,6 +202,7 @@ class Worker:
         self._listen_failures = 0
         self._listen_warned = False
         self._closing = False
+        self._woken = False
         self._db_failures = 0
         self._retry_at = 0.0
         self._lock = threading.Lock()
@@ -246,6 +255,7 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._woken = False  # a wake before the pipe existed wrote nothing
         # poll(), not epoll: epoll registrations follow open file descriptions, which fork
         # children inherit, so a job pipe closed and its fd reused could lose its events.
         self.selector = selectors.PollSelector()
@@ -260,7 +270,7 @@ class Worker:
             executor.register_fd = lambda fd: self.selector.register(fd, selectors.EVENT_READ, "child")
             executor.unregister_fd = self.selector.unregister
         else:
-            executor = ThreadExecutor(self.concurrency, ctx, self._wake)
+            executor = ThreadExecutor(self.concurrency, ctx, self._wake, prefetch=self.prefetch)
         self.executor = executor
         with translating_schema_errors():
             self.register(self.link)
@@ -390,6 +400,12 @@ class Worker:
         self._wake()
 
     def _wake(self) -> None:
+        """Make the loop take a turn.  Callers change the state the loop reads first, so one
+        byte in the pipe is enough for any number of wakes (``_woken``: a job thread finishing
+        does not make a system call when the loop is already due to look)."""
+        if self._woken:
+            return
+        self._woken = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError, AttributeError):
@@ -467,6 +483,8 @@ class Worker:
         """One turn of the loop; True when the worker should exit."""
         now = time.monotonic()
         self._check_leases(now)
+        if self._stopping:  # prefetched jobs that have not started go back to the queue
+            self.executor.release_waiting()
         self._pending.extend(self.executor.collect())
         if self._abort:
             if self._pending:
@@ -516,7 +534,7 @@ class Worker:
             free = 1
         if self.max_jobs is not None:
             free = min(free, self.max_jobs - self.claimed_total)
-        return max(free, 0)
+        return queries.claim_size(free)
 
     def _claim_batch(self) -> None:
         batch = self._batch_size()
@@ -587,7 +605,8 @@ class Worker:
         rest = [o for o in pending if not (o.kind == "succeeded" and not o.committed)]
         fenced = [o for o in rest if o.kind == "fenced"]
         interrupted = [o for o in rest if o.kind == "interrupted"]
-        others = [o for o in rest if o.kind not in ("fenced", "interrupted")]
+        released = [o for o in rest if o.kind == "released"]
+        others = [o for o in rest if o.kind not in ("fenced", "interrupted", "released")]
         claimed: list[Any] | None = None
         batch = self._batch_size() if claim else 0
         sent_at = time.monotonic()
@@ -603,6 +622,10 @@ class Worker:
             if fenced:
                 self.link.run(queries.job_requeue_lost(),
                               {**self._give_back(fenced), "worker": self.id})
+            if released:
+                rows = self.link.run(queries.job_release(),
+                                     {**self._give_back(released), "worker": self.id})
+                notify(self.link, [queue for _id, queue in rows])  # for the other workers
             if successes:
                 completed = None
                 if batch > 0:
@@ -637,6 +660,8 @@ class Worker:
         self._pending = []
         self._forget(pending)
         verbose = log.isEnabledFor(logging.INFO)
+        if released:
+            log.info("%d prefetched job(s) went back to the queue unstarted", len(released))
         for o in successes + others:
             self.processed += 1
             if verbose and o.job_id not in stale:
@@ -834,6 +859,9 @@ class Worker:
                 pass
         except (BlockingIOError, OSError):
             pass
+        # after the read: a wake from now on writes again; one that saw the flag still set
+        # changed its state before this, and the turn about to run reads it
+        self._woken = False
 
     def _on_notify(self) -> None:
         try:

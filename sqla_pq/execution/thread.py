@@ -1,6 +1,10 @@
 """In-process isolation: a pool of ``concurrency`` threads running jobs of one worker.
 
-Cheap (no fork per job), so it suits short jobs.  A job past its timeout gets ``JobTimeout``
+Cheap (no fork per job), so it suits short jobs.  With ``prefetch`` the worker holds that many
+jobs more than it runs: they wait in the pool's inbox, so a thread that finishes starts the next
+job at once instead of after a round trip to the database, and the claims come in bigger
+batches.  A waiting job is leased like a running one; it never starts once its lease is in doubt
+or the worker stops, and goes back to the queue as it was (``released``: no attempt counted).  A job past its timeout gets ``JobTimeout``
 raised inside its thread (``PyThreadState_SetAsyncExc``, what RQ's thread death penalty does);
 a coroutine job is cancelled by asyncio at its timeout instead, and raised into only if it
 ignores that.  Python cannot kill a thread, so one stuck in C code keeps running, and the worker
@@ -62,14 +66,20 @@ class ThreadExecutor:
     mode = "thread"
 
     def __init__(self, concurrency: int, ctx: ExecutionContext, wake: Callable[[], None],
-                 stuck_grace: float = 5.0) -> None:
+                 stuck_grace: float = 5.0, prefetch: int = 0) -> None:
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.ctx = ctx
         self.wake = wake
         self.stuck_grace = stuck_grace
         self._inbox: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
         self._outcomes: deque[Outcome] = deque()
         self._slots: dict[int, _Slot] = {}
+        self._queued: dict[int, ClaimedJob] = {}
+        """Jobs submitted and not started yet (at most ``concurrency + prefetch`` are held)."""
+        self._waiting: dict[int, float] = {}
+        """The earliest possible deadline of each queued job with a timeout (the worker's loop
+        plans its wake-up from it, so a job thread need not wake it when a job starts)."""
         self._submitted = 0
         self._lock = threading.Lock()
         self._threads = [
@@ -83,15 +93,19 @@ class ThreadExecutor:
 
     def free(self) -> int:
         with self._lock:
-            return self.concurrency - self._submitted
+            return self.concurrency + self.prefetch - self._submitted
 
     def busy(self) -> int:
         with self._lock:
             return self._submitted
 
     def submit(self, job: ClaimedJob) -> None:
+        timeout = job.extra.get("timeout")
         with self._lock:
             self._submitted += 1
+            self._queued[job.id] = job
+            if timeout:
+                self._waiting[job.id] = time.monotonic() + timeout
         self._inbox.put(job)
 
     def has_outcomes(self) -> bool:
@@ -104,14 +118,29 @@ class ThreadExecutor:
         return out
 
     def running(self) -> list[ClaimedJob]:
+        """Every job in hand: started, or waiting in the inbox (its lease matters as much)."""
         with self._lock:
-            return [s.job for s in self._slots.values()]
+            return [s.job for s in self._slots.values()] + list(self._queued.values())
+
+    def release_waiting(self, job_ids: set[int] | None = None) -> list[ClaimedJob]:
+        """Take back queued jobs (these, or all) before they start: each is reported as
+        ``released``, for the worker to give back to the queue as it was."""
+        with self._lock:
+            ids = list(self._queued) if job_ids is None else [i for i in job_ids if i in self._queued]
+            dropped = [self._queued.pop(i) for i in ids]
+            for job in dropped:
+                self._waiting.pop(job.id, None)
+                self._outcomes.append(Outcome(job.id, job.attempts, "released", queue=job.queue))
+            self._submitted -= len(dropped)
+        if dropped:
+            self.wake()
+        return dropped
 
     def check_deadlines(self, now: float) -> float | None:
         """Stop jobs past their deadline; return the next deadline (monotonic) to wake for."""
-        upcoming: float | None = None
         with self._lock:
             slots = list(self._slots.values())
+            upcoming = min(self._waiting.values(), default=None)
         for slot in slots:
             if slot.deadline is None:
                 continue
@@ -134,7 +163,9 @@ class ThreadExecutor:
         return upcoming
 
     def interrupt_all(self) -> list[ClaimedJob]:
-        """Second signal: raise in every running job; they are given back by the caller."""
+        """Second signal: raise in every running job; they are given back by the caller.
+        Queued jobs never start (released)."""
+        self.release_waiting()
         with self._lock:
             slots = list(self._slots.values())
         for slot in slots:
@@ -143,7 +174,9 @@ class ThreadExecutor:
 
     def fence(self, job_ids: set[int]) -> None:
         """Stop these jobs (their leases were lost): ``LeaseLost`` is raised in their threads,
-        and whatever they end with is reported as ``fenced`` (given back, not recorded)."""
+        and whatever they end with is reported as ``fenced`` (given back, not recorded).
+        Those still queued never start."""
+        self.release_waiting(job_ids)
         with self._lock:
             slots = [s for s in self._slots.values() if s.job.id in job_ids and not s.fenced]
             for slot in slots:
@@ -180,9 +213,11 @@ class ThreadExecutor:
         slot = _Slot(job, threading.get_ident(), start,
                      start + timeout if timeout else None, timeout)
         with self._lock:
+            if self._queued.get(job.id) is not job:  # released while it waited
+                return True
+            del self._queued[job.id]
             self._slots[job.id] = slot
-        if timeout:
-            self.wake()  # the worker's loop must now wake for this deadline
+            self._waiting.pop(job.id, None)
         outcome: Outcome | None = None
         try:
             outcome = self._run(job, slot, timeout)
