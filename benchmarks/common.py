@@ -48,6 +48,11 @@ class Sizes:
     memory_jobs: int = 100_000
     concurrency: int = 16
     """Threads of an in-process sqla_pq worker for P1/P2/L/M (and procrastinate's -c)."""
+    prefetch: int = 48
+    """Jobs a sqla_pq thread worker holds beyond its threads (``--prefetch``), for P1/P2/L/M:
+    claims of up to 64 jobs, as PgQueuer's drain takes batches with no cap on concurrency."""
+    sleep_prefetch: int = 4
+    """``--prefetch`` of the S worker (-c 4): a slot that frees starts the next job at once."""
     fork_concurrency: int = 1
     """Fork children at a time per sqla_pq fork worker (RQ's fork worker runs one)."""
     q_seconds_hint: float = 10.0

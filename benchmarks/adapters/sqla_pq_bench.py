@@ -37,14 +37,15 @@ class SqlaPq(System):
     @property
     def label(self) -> str:
         if self.variant == "thread":
-            return f"sqla_pq thread ×{self.sizes.concurrency}"
+            return f"sqla_pq thread ×{self.sizes.concurrency} +{self.sizes.prefetch}"
         return f"sqla_pq fork ×{self.sizes.fork_concurrency}"
 
     def settings(self) -> str:
         s = self.sizes
         if self.variant == "thread":
-            return (f"`sqla-pq worker --isolation thread -c {s.concurrency}` (S: -c "
-                    f"{s.sleep_concurrency}), burst for P1/P2")
+            return (f"`sqla-pq worker --isolation thread -c {s.concurrency} --prefetch "
+                    f"{s.prefetch}` (S: -c {s.sleep_concurrency} --prefetch {s.sleep_prefetch}), "
+                    "burst for P1/P2")
         return f"`sqla-pq worker --isolation fork -c {s.fork_concurrency}`, burst for P1/PF"
 
     def versions(self) -> dict[str, str]:
@@ -111,8 +112,10 @@ class SqlaPq(System):
         if self.variant == "fork":
             mode = ["--isolation", "fork", "-c", str(s.fork_concurrency)]
         else:
-            c = s.sleep_concurrency if purpose == "sleep" else s.concurrency
-            mode = ["--isolation", "thread", "-c", str(c)]
+            sleepers = purpose == "sleep"
+            c = s.sleep_concurrency if sleepers else s.concurrency
+            prefetch = s.sleep_prefetch if sleepers else s.prefetch
+            mode = ["--isolation", "thread", "-c", str(c), "--prefetch", str(prefetch)]
         url = self.pq.engine.url.render_as_string(hide_password=False)
         cmd = [sys.executable, "-m", "sqla_pq", "worker", QUEUE, "--url", url,
                "-I", "benchmarks.tasks", *mode]
