@@ -163,6 +163,24 @@ class RawStatement:
 SCHEMA_TOKEN = "__[SCHEMA__none]"
 
 
+BATCH_PLACEHOLDER = 987654323
+"""A batch size no claim asks for: :func:`compile_sized` compiles a claim once with it and
+writes each real size into the SQL text."""
+
+
+@functools.lru_cache(maxsize=256)
+def compile_sized(builder: Any, queues: Any, priorities: Any, batch: int, dialect: Any,
+                  schema: str | None) -> RawStatement:
+    """``builder(queues, priorities, batch)`` compiled: one SQLAlchemy compile for every batch
+    size (the size is a literal of the SQL, see ``queries._batch_limit``), each size then its
+    own SQL text, so its own prepared statement and plan."""
+    template = compile_raw(builder(queues, priorities, BATCH_PLACEHOLDER), dialect, schema)
+    placeholder = str(BATCH_PLACEHOLDER)
+    if placeholder not in template.sql:
+        raise ValueError(f"{builder.__name__} does not write its batch size into the SQL")
+    return dataclasses.replace(template, sql=template.sql.replace(placeholder, str(int(batch))))
+
+
 @functools.lru_cache(maxsize=512)
 def compile_raw(statement: Any, dialect: Any, schema: str | None) -> RawStatement:
     kw: dict[str, Any] = {}

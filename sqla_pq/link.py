@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine, Result
 
-from .db import Prepared, app_name, compile_raw, run_prepared, run_raw
+from .db import Prepared, RawStatement, app_name, compile_raw, run_prepared, run_raw
 
 log = logging.getLogger("sqla_pq.worker")
 
@@ -74,7 +74,8 @@ class Link:
         conn = self.conn
         if self._cursor is None or self._cursor.closed:
             self._cursor = conn.connection.dbapi_connection.cursor()
-        raw = compile_raw(statement, self.engine.dialect, self.schema)
+        raw = (statement if isinstance(statement, RawStatement)
+               else compile_raw(statement, self.engine.dialect, self.schema))
         if not (self.prepare and prepare):
             return run_raw(self._cursor, raw, params)
         return run_prepared(self._cursor, raw, params, self._prepared,

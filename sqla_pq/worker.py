@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import queries
 from .db import (
+    RawStatement,
+    compile_sized,
     is_connection_error,
     is_dbapi_connection_error,
     protect_pool_across_fork,
@@ -540,7 +542,7 @@ class Worker:
         batch = self._batch_size()
         sent_at = time.monotonic()
         try:
-            rows = self.link.run(queries.job_claim(self.queues, self.priorities, batch),
+            rows = self.link.run(self._sized(queries.job_claim, batch),
                                  {"worker": self.id, "lease": self.settings.lease_seconds})
         except Exception as exc:
             if _serial_race(exc):
@@ -550,6 +552,10 @@ class Worker:
             return
         self._db_ok()
         self._dispatch(rows, batch, sent_at)
+
+    def _sized(self, builder: Callable[..., Any], batch: int) -> RawStatement:
+        return compile_sized(builder, self.queues, self.priorities, batch,
+                             self.pq.engine.dialect, self.pq.schema)
 
     def _dispatch(self, rows: Sequence[Any], asked: int, sent_at: float) -> None:
         """Hand claimed rows to the executor (their leases run from ``sent_at``, when the
@@ -631,7 +637,7 @@ class Worker:
                 if batch > 0:
                     try:
                         rows = self.link.run(
-                            queries.job_complete_and_claim(self.queues, self.priorities, batch),
+                            self._sized(queries.job_complete_and_claim, batch),
                             {**complete_params(successes), "worker": self.id,
                              "lease": self.settings.lease_seconds},
                         )

@@ -180,3 +180,19 @@ def test_a_claimed_row_maps_onto_claimedjob_field_by_field():
 
     fields = [f.name for f in dataclasses.fields(ClaimedJob) if f.name != "extra"]
     assert fields == list(queries.CLAIM_KEYS)
+
+
+@pytest.mark.parametrize("builder", [queries.job_claim, queries.job_complete_and_claim])
+def test_a_claim_compiled_once_for_every_size_is_the_claim_of_that_size(engine, builder):
+    from sqla_pq.db import compile_raw, compile_sized
+
+    for queues in (("a",), ("a", "b"), None):
+        for batch in (1, 6, 64):
+            sized = compile_sized(builder, queues, None, batch, engine.dialect, None)
+            direct = compile_raw(builder(queues, None, batch), engine.dialect, None)
+            assert sized.sql == direct.sql and sized.defaults == direct.defaults
+
+            def named(raw):  # anonymous binds carry object ids in their keys
+                return {k: v for k, v in raw.types.items() if not k.startswith("%(")}
+
+            assert named(sized) == named(direct)

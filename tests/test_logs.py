@@ -6,7 +6,7 @@ import io
 import logging
 import os
 
-from sqla_pq.logs import BufferedStreamHandler, flush_logs
+from sqla_pq.logs import BufferedStreamHandler, SecondsFormatter, flush_logs
 from tests.helpers import wait_until
 
 
@@ -68,3 +68,18 @@ def test_the_worker_command_logs_every_job_through_the_buffer(pq, url_str):
     assert out.stderr.count("Got add(") == 20 and out.stderr.count("Job result = ") == 20
     assert "stopped after 20 jobs" in out.stderr.splitlines()[-1]
     assert all(pq.get_job(j.id).status == "succeeded" for j in jobs)
+
+
+def test_the_time_stamp_reused_within_a_second_is_the_one_logging_would_write():
+    fmt, datefmt = "%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"
+    plain, cached = logging.Formatter(fmt, datefmt), SecondsFormatter(fmt, datefmt)
+    for created in (1000.1, 1000.9, 1001.0, 1001.5, 999.2, 86400.3):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m %s", ("a",), None)
+        record.created = created
+        assert cached.format(record) == plain.format(record)
+    no_datefmt = SecondsFormatter(fmt)
+    first = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    first.created, first.msecs = 1000.1, 100.0
+    later = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    later.created, later.msecs = 1000.7, 700.0
+    assert no_datefmt.format(first) != no_datefmt.format(later), "milliseconds were reused"
