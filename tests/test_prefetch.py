@@ -90,3 +90,16 @@ def test_claim_sizes_round_down_to_a_few_statements():
     sizes = {queries.claim_size(n) for n in range(0, 200)}
     assert sizes == {0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192}
     assert all(queries.claim_size(n) <= n for n in range(0, 200))
+
+
+def test_a_held_job_that_waited_past_its_timeout_is_still_stopped_on_time(pq, engine):
+    """Its deadline counts from its start; the loop, which plans wake-ups from the earliest
+    possible deadline of each held job, must hear of it when it finally starts."""
+    first = pq.enqueue(tasks.sleep, 1.5)
+    slow = pq.enqueue_call(tasks.busy_loop, args=(30,), timeout=0.5, max_retries=0)
+    with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=1, maintenance=False,
+                          worker_ttl=300):
+        pq.wait(first.id, timeout=15)
+        wait_until(lambda: pq.get_job(slow.id).status == "failed", 5,
+                   message="the held job to be stopped at its timeout")
+    assert "JobTimeout" in pq.get_job(slow.id).error

@@ -140,7 +140,9 @@ class ThreadExecutor:
         """Stop jobs past their deadline; return the next deadline (monotonic) to wake for."""
         with self._lock:
             slots = list(self._slots.values())
-            upcoming = min(self._waiting.values(), default=None)
+            # a queued job's deadline bound that passed is not planned for again: the thread
+            # that starts the job wakes the loop instead (see _serve_one)
+            upcoming = min((d for d in self._waiting.values() if d > now), default=None)
         for slot in slots:
             if slot.deadline is None:
                 continue
@@ -217,7 +219,9 @@ class ThreadExecutor:
                 return True
             del self._queued[job.id]
             self._slots[job.id] = slot
-            self._waiting.pop(job.id, None)
+            planned = self._waiting.pop(job.id, None)
+        if planned is not None and planned <= start:
+            self.wake()  # it waited past its deadline bound: the loop must plan for it now
         outcome: Outcome | None = None
         try:
             outcome = self._run(job, slot, timeout)
