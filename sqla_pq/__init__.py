@@ -10,6 +10,8 @@ that caused it; workers claim them with ``FOR UPDATE SKIP LOCKED`` and wake on L
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .atomic import current_session
 from .enqueue import Backoff, Priority, Queue
 from .errors import (
@@ -32,10 +34,13 @@ from .errors import (
 )
 from .execution.call import ClaimedJob, current_job
 from .flows import Flow, Group, MultiStepJob
-from .models import Job, metadata
 from .pq import PQ
 from .settings import Settings
 from .states import JobStatus
+from .tables import metadata
+
+if TYPE_CHECKING:
+    from .models import Job
 
 __version__ = "0.1.0"
 
@@ -47,3 +52,12 @@ __all__ = [
     "Retry", "SchemaMissing", "SerializationError", "Settings", "TaskNotAllowed",
     "TaskNotImportable", "current_job", "current_session", "metadata", "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``Job`` (the ORM class) is imported on first use: a worker process never needs the ORM."""
+    if name == "Job":
+        from .models import Job
+
+        return Job
+    raise AttributeError(f"module 'sqla_pq' has no attribute {name!r}")

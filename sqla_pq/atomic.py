@@ -14,11 +14,11 @@ import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
 from .errors import PQError
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from .execution.call import ClaimedJob, Outcome
     from .pq import PQ
 

@@ -16,14 +16,16 @@ import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from .errors import ConfigurationError, SchemaMissing
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 APP_NAME_PREFIX = "sqla_pq"
 
@@ -46,6 +48,9 @@ def engine_from(target: Any) -> tuple[Engine, sessionmaker[Session] | None]:
         return target, None
     if isinstance(target, (str, URL)):
         return create_engine(target), None
+    # anything else is an ORM object: the application has imported the ORM already
+    from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
     if isinstance(target, scoped_session):
         factory = target.session_factory
         return _bind_of(factory), factory

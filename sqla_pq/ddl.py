@@ -6,7 +6,7 @@ later migration add a ``_v2`` beside it.
 
 from __future__ import annotations
 
-from .models import JOB_STORAGE_PARAMETERS, NOTIFY_CHANNEL
+from .tables import JOB_STORAGE_PARAMETERS, NOTIFY_CHANNEL
 
 NOTIFY_FUNCTION = "pq_notify_v1"
 NOTIFY_TRIGGER = "pq_job_notify_v1"

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import queries
 from .enqueue import check_queue_name
-from .models import NOTIFY_CHANNEL
 from .serialization import PICKLE, EncodedCall, dumps_json, to_json_value
+from .tables import NOTIFY_CHANNEL
 from .timeparse import When
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from .db import app_name
-from .models import NOTIFY_CHANNEL
+from .tables import NOTIFY_CHANNEL
 
 log = logging.getLogger("sqla_pq.worker")
 

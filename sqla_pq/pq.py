@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import time
@@ -18,8 +19,6 @@ from typing import TYPE_CHECKING, Any, overload
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ResourceClosedError
-from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached, sessionmaker
-from sqlalchemy.orm.attributes import instance_state
 
 from . import queries
 from .db import (
@@ -40,22 +39,25 @@ from .errors import (
     JobNotFound,
 )
 from .execution.call import ClaimedJob, ExecutionContext, Hooks, execute
-from .models import Job, Schedule
 from .record import cancel_dependants, notify, record_outcomes
 from .serialization import DILL, sign
 from .settings import Settings
 from .states import FINAL_STATES, JobStatus
+from .tables import job_table
 from .tasks import TaskFunction, TaskOptions, register
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from .flows import Flow, FlowView, Group, MultiStepJob
     from .messages import MessageQueue
+    from .models import Job, Schedule
     from .worker import Worker
 
 log = logging.getLogger("sqla_pq")
 
 _COLUMN_DEFAULTS: dict[str, Any] = {
-    c.key: None for c in Job.__table__.columns
+    c.key: None for c in job_table.columns
 }
 _COLUMN_DEFAULTS.update(
     attempts=0, failures=0, interruptions=0, step=0, has_dependants=False, waiting_on=0,
@@ -151,7 +153,7 @@ class PQ:
             self.engine.execution_options(**self.execution_options)
             if self.execution_options else self.engine
         )
-        self.session_factory: sessionmaker[Session] = factory or sessionmaker(self.engine)
+        self._session_factory: sessionmaker[Session] | None = factory
         self.on_session_write: list[Callable[[Session], Any]] = []
         """Called with the caller's session after sqla_pq wrote in it.  Enqueue writes with
         Core statements (an ORM insert would autoflush the caller's pending objects), which
@@ -163,6 +165,16 @@ class PQ:
         return f"<PQ {self.engine.url.render_as_string(hide_password=True)}{schema}>"
 
     # -- plumbing ----------------------------------------------------------------------------------
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        """Your sessionmaker, or one on the engine (made on first use: a worker never needs
+        the ORM, and importing it costs a worker's start ~0.05 s)."""
+        if self._session_factory is None:
+            from sqlalchemy.orm import sessionmaker
+
+            self._session_factory = sessionmaker(self.engine)
+        return self._session_factory
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -512,7 +524,7 @@ class PQ:
         if mapping is not None:
             values = {k: mapping[k] for k in _COLUMN_DEFAULTS}
         else:
-            values = dict(zip([c.key for c in Job.__table__.columns], row))
+            values = dict(zip([c.key for c in job_table.columns], row))
         for key in ("payload", "signature", "result_payload", "result_signature"):
             if isinstance(values.get(key), memoryview):
                 values[key] = bytes(values[key])
@@ -814,6 +826,7 @@ class PQ:
 
     def get_schedule(self, schedule_id: int) -> Schedule:
         from .errors import ScheduleNotFound
+        from .models import Schedule
 
         with self.session() as s:
             found = s.get(Schedule, schedule_id)
@@ -829,6 +842,8 @@ class PQ:
         self._set_schedule_active(schedule_id, True)
 
     def _set_schedule_active(self, schedule_id: int, active: bool) -> None:
+        from .models import Schedule
+
         with self.session() as s:
             found = s.get(Schedule, schedule_id, with_for_update=True)
             if found is None:
@@ -838,6 +853,8 @@ class PQ:
             found.active = active
 
     def delete_schedule(self, schedule_id: int) -> None:
+        from .models import Schedule
+
         with self.session() as s:
             found = s.get(Schedule, schedule_id)
             if found is not None:
@@ -884,7 +901,7 @@ class PQ:
 
     def check_schema(self) -> None:
         """Raise SchemaMissing unless the tables exist."""
-        self._run(select(Job.id).limit(1))
+        self._run(select(job_table.c.id).limit(1))
 
 
 class _Repeat(Sequence[Any]):
@@ -900,7 +917,7 @@ class _Repeat(Sequence[Any]):
         return self.value
 
 
-class JobBatch(Sequence[Job]):
+class JobBatch(Sequence["Job"]):
     """The jobs an enqueue just inserted.  ``ids`` is at hand at once; each :class:`Job` object
     is built when first looked at (a 10,000-job batch need not build 10,000 ORM objects)."""
 
@@ -941,9 +958,7 @@ class JobBatch(Sequence[Job]):
 
 def _detached_job(values: dict[str, Any]) -> Job:
     """A Job for a row we already hold, without a session round trip (detached, loaded)."""
-    mapper = Job.__mapper__
-    if not mapper.configured:
-        configure_mappers()
+    mapper, instance_state = _job_orm()
     job = mapper.class_manager.new_instance()
     job.__dict__.update(values)
     state = instance_state(job)
@@ -953,6 +968,22 @@ def _detached_job(values: dict[str, Any]) -> Job:
         state.key = mapper.identity_key_from_primary_key((values["id"],))
         state._commit_all(state.dict)
     except AttributeError:  # pragma: no cover - a SQLAlchemy without these internals
+        from sqlalchemy.orm import make_transient_to_detached
+
         state.key = None
         make_transient_to_detached(job)
     return job
+
+
+@functools.cache
+def _job_orm() -> tuple[Any, Callable[[Any], Any]]:
+    """Job's configured mapper and ``instance_state``, imported on first use: the ORM stays
+    out of worker processes."""
+    from sqlalchemy.orm import configure_mappers
+    from sqlalchemy.orm.attributes import instance_state
+
+    from .models import Job
+
+    if not Job.__mapper__.configured:
+        configure_mappers()
+    return Job.__mapper__, instance_state

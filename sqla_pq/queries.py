@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from .models import (
+from .tables import (
     NOTIFY_CHANNEL,
     dependency_table,
     flow_table,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
 from dateutil.relativedelta import relativedelta
 
 from .errors import InvalidTimeSpec
@@ -41,6 +40,13 @@ if TYPE_CHECKING:
     from .enqueue import Queue
     from .models import Schedule
     from .pq import PQ
+
+def _croniter() -> Any:
+    """croniter, imported when a cron schedule is first met (not at every worker's start)."""
+    from croniter import croniter
+
+    return croniter
+
 
 RELATIVE_FIELDS = ("years", "months", "weeks", "days", "hours", "minutes", "seconds")
 MAX_STEPS = 10_000
@@ -153,7 +159,7 @@ class Timing:
     until: dt.datetime | None = None
 
     def __post_init__(self) -> None:
-        if self.cron is not None and not croniter.is_valid(self.cron):
+        if self.cron is not None and not _croniter().is_valid(self.cron):
             raise InvalidTimeSpec(f"invalid cron expression {self.cron!r}")
 
     @property
@@ -243,7 +249,7 @@ class Timing:
             # Around a fall-back the wall clock repeats: the next instant may belong to an
             # EARLIER wall time (its second occurrence), so start looking that far back.
             start -= FOLD_HORIZON
-        it = croniter(self.cron, start)
+        it = _croniter()(self.cron, start)
         best: dt.datetime | None = None
         horizon: dt.datetime | None = None
         for _ in range(MAX_STEPS):
@@ -370,6 +376,7 @@ def build_timing(
         raise InvalidTimeSpec("give cron or an interval (run_every), not both")
     if cron is not None:
         cron = " ".join(str(cron).split())
+        croniter = _croniter()
         if len(cron) > 255 or not croniter.is_valid(cron):
             raise InvalidTimeSpec(f"invalid cron expression {cron[:100]!r}")
         try:  # an expression that can never match ("* * 30 2 *") is refused now, not at a tick

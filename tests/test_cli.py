@@ -102,3 +102,21 @@ def test_the_benchmark_command_reports_real_figures(url_str, capsys):
     assert figures["jobs"].strip() == "200"
     assert float(figures["throughput"].split()[0].replace(",", "")) > 0
     assert "latency p50 / p95 / p99" in out
+
+
+def test_a_worker_runs_its_jobs_without_loading_the_orm(pq, worker_env):
+    """A worker's start-up counts in every drain: it works from the Core tables alone, and
+    dill, croniter and dateutil's parser wait until a job or schedule needs them."""
+    ids = pq.enqueue_many([(tasks.add, (i, 1)) for i in range(20)], queue="light").ids
+    code = (
+        "import sys\n"
+        "from sqla_pq.cli import main\n"
+        "rc = main(['worker', 'light', '--burst', '-q'])\n"
+        "heavy = ('sqlalchemy.orm', 'dill', 'croniter', 'dateutil.parser')\n"
+        "print(rc, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=worker_env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
+    assert [pq.get_job(i).return_value() for i in ids] == [i + 1 for i in range(20)]

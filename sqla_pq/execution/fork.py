@@ -14,8 +14,6 @@ the parent's business), and leaves with ``os._exit`` so no inherited object is c
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -26,9 +24,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..logs import flush_logs
+from ..serialization import preload
 from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute
+
+if TYPE_CHECKING:
+    import ctypes
 
 log = logging.getLogger("sqla_pq.worker")
 
@@ -40,6 +43,9 @@ def _load_libc() -> ctypes.CDLL | None:
     """Load libc once, in the parent: find_library runs ldconfig, far too slow per child."""
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
+        import ctypes
+        import ctypes.util
+
         try:
             _libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except OSError:  # pragma: no cover - an unusual libc name
@@ -128,6 +134,7 @@ class ForkExecutor:
         return out
 
     def submit(self, job: ClaimedJob) -> None:
+        preload(job.encoding)  # once here, not in every child
         read_fd, write_fd = os.pipe()
         lease_r, lease_w = os.pipe() if self.lease_guard else (-1, -1)
         parent = os.getpid()

@@ -14,7 +14,6 @@ it.  A job whose lease the worker lost gets ``LeaseLost`` raised the same way.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -55,6 +54,8 @@ ASYNC_GRACE = 1.0
 
 def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
     """Raise ``exc_type`` in another thread at its next bytecode boundary."""
+    import ctypes
+
     res = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
     if res > 1:  # pragma: no cover - undo, as the C API documents
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)

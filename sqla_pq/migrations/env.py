@@ -10,7 +10,7 @@ from sqlalchemy import text
 from alembic import context
 from sqla_pq.db import create_engine, normalize_url
 from sqla_pq.migrations import MIGRATION_LOCK, VERSION_TABLE
-from sqla_pq.models import metadata
+from sqla_pq.tables import metadata
 
 config = context.config
 schema = (
