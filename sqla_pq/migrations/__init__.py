@@ -92,18 +92,23 @@ def known_revisions() -> set[str]:
 def check_compatible(connection: Any, schema: str | None = None) -> None:
     """Refuse to run against a database without sqla_pq's tables (SchemaMissing: run
     ``sqla-pq migrate``) or with a schema newer than this package knows (upgrade sqla_pq)."""
-    from sqlalchemy import inspect, text
+    from sqlalchemy import text
 
     from ..errors import ConfigurationError, SchemaMissing
 
-    inspector = inspect(connection)
-    if not inspector.has_table("pq_job", schema=schema):
+    # One catalog query (the inspector takes three, compiled at every worker start).
+    prefix = f'"{schema}".' if schema else ""
+    exists = connection.execute(
+        text("SELECT to_regclass(:job), to_regclass(:ours), to_regclass(:alembic)"),
+        {"job": prefix + "pq_job", "ours": prefix + VERSION_TABLE,
+         "alembic": prefix + "alembic_version"},
+    ).one()
+    if exists[0] is None:
         raise SchemaMissing()
     found: set[str] = set()
-    for table in (VERSION_TABLE, "alembic_version"):
-        if inspector.has_table(table, schema=schema):
-            qualified = f'"{schema}".{table}' if schema else table
-            found |= {r[0] for r in connection.execute(text(f"SELECT version_num FROM {qualified}"))}
+    for table, present in ((VERSION_TABLE, exists[1]), ("alembic_version", exists[2])):
+        if present is not None:
+            found |= {r[0] for r in connection.execute(text(f"SELECT version_num FROM {prefix}{table}"))}
     ours = {r for r in found if r.startswith(f"{BRANCH}_")}
     unknown = ours - known_revisions()
     if unknown:
