@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import queries
 from ..link import Link
-from ..schedules import timing_of
 from .base import Service
 
 if TYPE_CHECKING:
@@ -70,6 +69,8 @@ class Scheduler(Service):
         if left is not None and left <= 0:
             nxt = None
         else:
+            from ..schedules import timing_of  # zoneinfo, dateutil: only once a schedule fires
+
             timing = timing_of(row)
             nxt, runs_after = timing.next_after(tick_at, row.anchor_at or tick_at, runs, not_before=now)
             if left is not None:
