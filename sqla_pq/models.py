@@ -38,7 +38,17 @@ class Base(DeclarativeBase):
     metadata = metadata
 
 
-class Job(Base):
+class _StoredCall:
+    """The columns of a task's arguments, on jobs and schedules alike (``tables._stored_call``)."""
+
+    encoding: Mapped[str]
+    args: Mapped[list[Any] | None]
+    kwargs: Mapped[dict[str, Any] | None]
+    payload: Mapped[bytes | None]
+    signature: Mapped[bytes | None]
+
+
+class Job(_StoredCall, Base):
     """One unit of work: a task path, its arguments, and where it is in its life."""
 
     __table__ = job_table
@@ -48,11 +58,6 @@ class Job(Base):
     task: Mapped[str | None]
     status: Mapped[str]
     priority: Mapped[int]
-    encoding: Mapped[str]
-    args: Mapped[list[Any] | None]
-    kwargs: Mapped[dict[str, Any] | None]
-    payload: Mapped[bytes | None]
-    signature: Mapped[bytes | None]
     run_at: Mapped[dt.datetime]
     expected_at: Mapped[dt.datetime | None]
     enqueued_at: Mapped[dt.datetime]
@@ -191,7 +196,7 @@ class QueueSettings(Base):
     updated_at: Mapped[dt.datetime]
 
 
-class Schedule(Base):
+class Schedule(_StoredCall, Base):
     """A repeating or periodic job: django-pq's schedule_call and python-pq's periodic tasks."""
 
     __table__ = schedule_table
@@ -201,11 +206,6 @@ class Schedule(Base):
     key: Mapped[str]
     queue: Mapped[str]
     priority: Mapped[int]
-    encoding: Mapped[str]
-    args: Mapped[list[Any] | None]
-    kwargs: Mapped[dict[str, Any] | None]
-    payload: Mapped[bytes | None]
-    signature: Mapped[bytes | None]
     job_options: Mapped[dict[str, Any] | None]
     cron: Mapped[str | None]
     interval: Mapped[float | None]

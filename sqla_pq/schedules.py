@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .models import Schedule
     from .pq import PQ
 
+
 def _croniter() -> Any:
     """croniter, imported when a cron schedule is first met (not at every worker's start)."""
     from croniter import croniter

@@ -76,6 +76,21 @@ def _false(name: str) -> Column[Any]:
     return _required(name, Boolean, server_default=text("false"))
 
 
+def _stored_call() -> tuple[Column[Any], ...]:
+    """A task's arguments, as a job and a schedule both keep them."""
+    return (
+        _required("encoding", String(16), server_default="json",
+                  doc="How the arguments are stored: ``json`` in args/kwargs, ``dill`` or "
+                      "``pickle`` in payload."),
+        Column("args", JSONB),
+        Column("kwargs", JSONB),
+        Column("payload", LargeBinary),
+        Column("signature", LargeBinary,
+               doc="HMAC-SHA256 over the payload (with the row's identity) when a secret key "
+                   "is configured."),
+    )
+
+
 job_id_seq = Sequence("pq_job_id_seq", metadata=metadata)
 
 job_table = Table(
@@ -88,14 +103,7 @@ job_table = Table(
                              "``pq[\"name\"]`` queue."),
     _required("status", String(16), server_default=JobStatus.QUEUED.value),
     _required("priority", SmallInteger, server_default=text("50")),
-    _required("encoding", String(16), server_default="json",
-              doc="How the arguments are stored: ``json`` in args/kwargs, ``dill`` or "
-                  "``pickle`` in payload."),
-    Column("args", JSONB),
-    Column("kwargs", JSONB),
-    Column("payload", LargeBinary),
-    Column("signature", LargeBinary,
-           doc="HMAC-SHA256 of (id, task, payload) when a secret key is configured."),
+    *_stored_call(),
     _required("run_at", Timestamp, server_default=func.now(),
               doc="Not before: the job is ready once the database's now() has passed it."),
     Column("expected_at", Timestamp,
@@ -265,11 +273,7 @@ schedule_table = Table(
                   "default."),
     _required("queue", String(64)),
     _required("priority", SmallInteger, server_default=text("50")),
-    _required("encoding", String(16), server_default="json"),
-    Column("args", JSONB),
-    Column("kwargs", JSONB),
-    Column("payload", LargeBinary),
-    Column("signature", LargeBinary),
+    *_stored_call(),
     Column("job_options", JSONB,
            doc="Options each fired job gets: timeout, result_ttl, max_retries, retry_policy, "
                "serial."),

@@ -90,8 +90,8 @@ class ClaimedJob:
         job = cls(*row)  # the claim's RETURNING lists the fields in this order (queries.CLAIM_KEYS)
         if job.payload is not None:
             job.payload = bytes(job.payload)
-            if job.signature is not None:
-                job.signature = bytes(job.signature)
+        if job.signature is not None:
+            job.signature = bytes(job.signature)
         return job
 
     @property

@@ -4,12 +4,14 @@ Cheap (no fork per job), so it suits short jobs.  With ``prefetch`` the worker h
 jobs more than it runs: they wait in the pool's inbox, so a thread that finishes starts the next
 job at once instead of after a round trip to the database, and the claims come in bigger
 batches.  A waiting job is leased like a running one; it never starts once its lease is in doubt
-or the worker stops, and goes back to the queue as it was (``released``: no attempt counted).  A job past its timeout gets ``JobTimeout``
-raised inside its thread (``PyThreadState_SetAsyncExc``, what RQ's thread death penalty does);
-a coroutine job is cancelled by asyncio at its timeout instead, and raised into only if it
-ignores that.  Python cannot kill a thread, so one stuck in C code keeps running, and the worker
-keeps the job ``running`` and its lease renewed until the thread really ends: no retry overlaps
-it.  A job whose lease the worker lost gets ``LeaseLost`` raised the same way.
+or the worker stops, and goes back to the queue as it was (``released``: no attempt counted).
+
+A job past its timeout gets ``JobTimeout`` raised inside its thread
+(``PyThreadState_SetAsyncExc``, what RQ's thread death penalty does); a coroutine job is
+cancelled by asyncio at its timeout instead, and raised into only if it ignores that.  Python
+cannot kill a thread, so one stuck in C code keeps running, and the worker keeps the job
+``running`` and its lease renewed until the thread really ends: no retry overlaps it.  A job
+whose lease the worker lost gets ``LeaseLost`` raised the same way.
 """
 
 from __future__ import annotations
