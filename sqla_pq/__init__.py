@@ -12,35 +12,50 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .atomic import current_session
-from .enqueue import Backoff, Priority, Queue
-from .errors import (
-    Cancel,
-    DuplicateClientId,
-    InvalidQueueName,
-    InvalidTimeSpec,
-    JobFailed,
-    JobNotFinished,
-    JobNotFound,
-    JobTimeout,
-    PayloadSignatureError,
-    PayloadTooLarge,
-    PQError,
-    Retry,
-    SchemaMissing,
-    SerializationError,
-    TaskNotAllowed,
-    TaskNotImportable,
-)
-from .execution.call import ClaimedJob, current_job
-from .flows import Flow, Group, MultiStepJob
-from .pq import PQ
-from .settings import Settings
-from .states import JobStatus
-from .tables import metadata
-
 if TYPE_CHECKING:
+    from .atomic import current_session
+    from .enqueue import Backoff, Priority, Queue
+    from .errors import (
+        Cancel,
+        DuplicateClientId,
+        InvalidQueueName,
+        InvalidTimeSpec,
+        JobFailed,
+        JobNotFinished,
+        JobNotFound,
+        JobTimeout,
+        PayloadSignatureError,
+        PayloadTooLarge,
+        PQError,
+        Retry,
+        SchemaMissing,
+        SerializationError,
+        TaskNotAllowed,
+        TaskNotImportable,
+    )
+    from .execution.call import ClaimedJob, current_job
+    from .flows import Flow, Group, MultiStepJob
     from .models import Job
+    from .pq import PQ
+    from .settings import Settings
+    from .states import JobStatus
+    from .tables import metadata
+
+_ERRORS = (
+    "Cancel", "DuplicateClientId", "InvalidQueueName", "InvalidTimeSpec", "JobFailed",
+    "JobNotFinished", "JobNotFound", "JobTimeout", "PayloadSignatureError", "PayloadTooLarge",
+    "PQError", "Retry", "SchemaMissing", "SerializationError", "TaskNotAllowed",
+    "TaskNotImportable",
+)
+_WHERE: dict[str, str] = {
+    "current_session": ".atomic", "Backoff": ".enqueue", "Priority": ".enqueue",
+    "Queue": ".enqueue", "ClaimedJob": ".execution.call", "current_job": ".execution.call",
+    "Flow": ".flows", "Group": ".flows", "MultiStepJob": ".flows", "Job": ".models",
+    "PQ": ".pq", "Settings": ".settings", "JobStatus": ".states", "metadata": ".tables",
+    **{name: ".errors" for name in _ERRORS},
+}
+"""Where each public name lives.  Names are imported on first use: a fork worker's job
+processes start from a small interpreter that must not load SQLAlchemy for ``current_job``."""
 
 __version__ = "0.1.0"
 
@@ -55,9 +70,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``Job`` (the ORM class) is imported on first use: a worker process never needs the ORM."""
-    if name == "Job":
-        from .models import Job
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'sqla_pq' has no attribute {name!r}")
+    import importlib
 
-        return Job
-    raise AttributeError(f"module 'sqla_pq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -7,15 +7,14 @@ call and the call into an :class:`Outcome` that the worker's parent side records
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import datetime as dt
-import inspect
 import threading
 import traceback as tb_module
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     Cancel,
@@ -40,6 +39,9 @@ from ..serialization import (
 )
 from ..tasks import import_object, registered, resolve, resolve_method
 from ..timeparse import seconds
+
+if TYPE_CHECKING:
+    import asyncio
 
 ERROR_LIMIT = 2000
 TRACEBACK_LIMIT = 64 * 1024
@@ -239,6 +241,8 @@ the coroutine sees), so the thread executor raises into such a thread only as a 
 
 def run_coroutine(coro: Any, timeout: float | None = None) -> Any:
     """Run a coroutine on this thread's event loop (one per thread, reused)."""
+    import asyncio  # here: a fork server that never runs a coroutine stays ~4 MB smaller
+
     loop = getattr(_loops, "loop", None)
     if loop is None or loop.is_closed():
         loop = asyncio.new_event_loop()
@@ -260,6 +264,8 @@ def run_coroutine(coro: Any, timeout: float | None = None) -> Any:
 
 def _cancel_and_wait(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
     """Cancel ``task`` and let it handle its CancelledError now, for a few seconds at most."""
+    import asyncio
+
     task.cancel()
     try:
         loop.run_until_complete(asyncio.wait([task], timeout=5.0))
@@ -272,7 +278,7 @@ def _cancel_and_wait(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -
 def call_task(func: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
               async_timeout: float | None = None) -> Any:
     value = func(*args, **kwargs)
-    if inspect.iscoroutine(value):  # not asyncio.iscoroutine: a returned generator is a value
+    if isinstance(value, types.CoroutineType):  # not asyncio.iscoroutine: a generator is a value
         value = run_coroutine(value, async_timeout)
     return value
 
