@@ -98,6 +98,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         priorities=args.priority or None,
         worker_ttl=args.worker_ttl,
         memory_limit=args.memory_limit,
+        fork_server=args.fork_server,
         **extra,
     )
     log.debug("processed %d jobs", processed)
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only take jobs of this priority; repeatable")
     w.add_argument("--worker-ttl", type=float, help="seconds between fallback polls")
     w.add_argument("--memory-limit", help="address-space limit of each fork child (e.g. 512M)")
+    w.add_argument("--no-fork-server", dest="fork_server", action="store_false",
+                   help="fork each job from the worker itself, not from its small fork server")
     w.add_argument("--terminate", action="store_true",
                    help="ask every worker to stop after its current jobs, and wait")
     w.add_argument("--wait", type=float, default=None, help="with --terminate: wait at most this long")

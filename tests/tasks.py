@@ -205,3 +205,16 @@ def on_failure(job: Any, exc: BaseException) -> None:
 
 def on_create(job: Any) -> None:
     created.append(job.id)
+
+
+def process_facts() -> dict[str, Any]:
+    """Where the job ran: its pid, its parent's, and whether SQLAlchemy is loaded there."""
+    import sys
+
+    return {"pid": os.getpid(), "ppid": os.getppid(), "sqlalchemy": "sqlalchemy" in sys.modules}
+
+
+def parent_pid_then_sleep(path: str, seconds: float) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(str(os.getppid()))
+    time.sleep(seconds)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from sqla_pq import PQ, queries
 from sqla_pq.execution.call import ClaimedJob
 from sqla_pq.execution.fork import ForkExecutor
@@ -61,16 +63,19 @@ def test_a_live_lease_is_renewed_and_a_missing_worker_row_is_written_again(pq, e
     assert done.attempts == 1 and done.interruptions == 0, "a live lease was treated as lost"
 
 
-def test_a_fork_child_whose_lease_is_never_renewed_stops_itself_and_is_given_back(pq):
-    """The parent may be frozen: the child's own watchdog stops the job before the lease ends,
-    and the parent, when it looks, reports a lost lease (a give-back), not a crash."""
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "worker-forks"])
+def test_a_fork_child_whose_lease_is_never_renewed_stops_itself_and_is_given_back(pq, fork_server):
+    """The parent may be frozen: the fork server (or, when the worker forked the child, the
+    child's own watchdog) stops the job before the lease ends, and the parent, when it looks,
+    reports a lost lease (a give-back), not a crash."""
     job = pq.enqueue(tasks.sleep, 30.0)
     with pq._cursor() as runner:
         row = runner.run(queries.job_claim(("default",)), {"batch": 1, "worker": "w", "lease": 30.0})[0]
     claimed = ClaimedJob.from_tuple(row)
     assert claimed.id == job.id
     claimed.extra["lease_ok_at"] = time.monotonic()
-    executor = ForkExecutor(1, pq.execution_context(), lambda: None, lease_guard=0.5)
+    executor = ForkExecutor(1, pq.execution_context(), lambda: None, lease_guard=0.5,
+                            fork_server=fork_server)
     executor.submit(claimed)
     t0 = time.monotonic()
     outcomes = []

@@ -24,11 +24,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..logs import flush_logs
 from ..serialization import preload
+from ..tasks import registered
 from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute
+from .forkserver import ForkServer, ForkServerGone, ForkServerRefused, transferable
 
 if TYPE_CHECKING:
     import ctypes
@@ -88,6 +90,8 @@ class _Child:
     buffer: bytearray = field(default_factory=bytearray)
     killed_for: str | None = None
     eof: bool = False
+    server: ForkServer | None = None
+    """The fork server that forked this child (None: the worker did)."""
 
 
 class ForkExecutor:
@@ -95,7 +99,7 @@ class ForkExecutor:
 
     def __init__(self, concurrency: int, ctx: ExecutionContext,
                  prepare_child: Callable[[], None], memory_limit: int | str | None = None,
-                 lease_guard: float | None = None) -> None:
+                 lease_guard: float | None = None, fork_server: bool = True) -> None:
         self.concurrency = concurrency
         self.lease_guard = lease_guard
         """A child whose parent has not renewed its job's lease for this long kills itself: a
@@ -112,6 +116,45 @@ class ForkExecutor:
         """Children whose outcome arrived and that are still tearing down: reaped later, off
         the job's critical path (an exit costs milliseconds of kernel time)."""
         _load_libc()
+        self._server_ctx = transferable(ctx) if fork_server else None
+        """The context the fork server runs jobs with; None: the worker forks every job."""
+        self._server: ForkServer | None = None
+        self._server_starts = 0
+        self._worker_forks: set[str] = set()
+        """Registered tasks the fork server could not find: the worker forks their jobs."""
+        if self._server_ctx is not None:
+            self._start_server()
+
+    def _start_server(self) -> ForkServer | None:
+        if self._server_starts >= MAX_SERVER_STARTS:
+            if self._server_ctx is not None:
+                log.warning("the fork server failed %d times; the worker forks its jobs itself "
+                            "from now on", self._server_starts)
+                self._server_ctx = None
+            return None
+        self._server_starts += 1
+        assert self._server_ctx is not None
+        try:
+            self._server = ForkServer(self._server_ctx, self.lease_guard, self.memory_limit)
+        except OSError as exc:
+            log.warning("could not start the fork server (%s); the worker forks jobs itself", exc)
+            self._server = None
+        return self._server
+
+    def _server_for(self, job: ClaimedJob) -> ForkServer | None:
+        """The fork server when it can run ``job`` as the worker would; None otherwise."""
+        if (self._server_ctx is None or not job.task or job.task.startswith("__main__")
+                or job.task in self._worker_forks):
+            return None
+        entry = registered(job.task)
+        if entry is not None and (entry.options.atomic or entry.func.__module__ == "__main__"):
+            return None  # the atomic runner needs the worker's PQ; __main__ is the worker's
+        server = self._server
+        if server is None or not server.alive:
+            if server is not None:
+                server.close(kill=True)
+            server = self._start_server()
+        return server
 
     def free(self) -> int:
         return self.concurrency - len(self.children)
@@ -134,26 +177,29 @@ class ForkExecutor:
         return out
 
     def submit(self, job: ClaimedJob) -> None:
-        preload(job.encoding)  # once here, not in every child
         read_fd, write_fd = os.pipe()
-        lease_r, lease_w = os.pipe() if self.lease_guard else (-1, -1)
-        parent = os.getpid()
         # the lease left when the child starts, counted from when the job's lease was set
         lease_ok_at = job.extra.get("lease_ok_at", time.monotonic())
         lease_left = (self.lease_guard - (time.monotonic() - lease_ok_at)
                       if self.lease_guard else None)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child
-            os.close(read_fd)
-            if lease_w >= 0:
-                os.close(lease_w)
-            self._child_main(job, write_fd, parent, lease_r, lease_left)
-        try:  # its own process group (set on both sides: no race), so a kill takes grandchildren
-            os.setpgid(pid, pid)
-        except OSError:
-            pass
+        server = self._server_for(job)
+        pid = -1
+        lease_r = lease_w = -1  # a child the server forks has its lease kept by the server
+        if server is not None:
+            try:
+                pid = server.start(job, write_fd, lease_left, _modules_of(job.task),
+                                   registered(job.task or ""))
+            except ForkServerRefused:
+                self._worker_forks.add(job.task or "")
+                server = None
+            except ForkServerGone as exc:
+                log.warning("%s; job %s is forked by the worker", exc, job.id)
+                server = None
+        if server is None:
+            preload(job.encoding)  # once here, not in every child
+            if self.lease_guard:
+                lease_r, lease_w = os.pipe()
+            pid = self._fork(job, read_fd, write_fd, os.getpid(), lease_r, lease_w, lease_left)
         os.close(write_fd)
         if lease_r >= 0:
             os.close(lease_r)
@@ -162,64 +208,37 @@ class ForkExecutor:
         timeout = job.extra.get("timeout")
         now = time.monotonic()
         self.children[read_fd] = _Child(job, pid, read_fd, now, now + timeout if timeout else None,
-                                        timeout, lease_fd=lease_w)
+                                        timeout, lease_fd=lease_w, server=server)
         self.register_fd(read_fd)
+
+    def _fork(self, job: ClaimedJob, read_fd: int, write_fd: int, parent: int, lease_r: int,
+              lease_w: int, lease_left: float | None) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(read_fd)
+            if lease_w >= 0:
+                os.close(lease_w)
+            run_child(job, self.ctx, write_fd, parent, lease_r, lease_left, self.lease_guard,
+                      self.memory_limit, self.prepare_child)
+        try:  # its own process group (set on both sides: no race), so a kill takes grandchildren
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        return pid
 
     def renew_leases(self, job_ids: set[int]) -> None:
         """After a good heartbeat: tell the children of these jobs their leases were renewed."""
+        if self._server is not None:
+            self._server.renew([c.pid for c in self.children.values()
+                                if c.server is self._server and c.job.id in job_ids])
         for child in self.children.values():
             if child.lease_fd >= 0 and child.job.id in job_ids:
                 try:
                     os.write(child.lease_fd, b"+")
                 except (BlockingIOError, BrokenPipeError, OSError):
                     pass
-
-    def _child_main(self, job: ClaimedJob, write_fd: int, parent: int, lease_fd: int,
-                    lease_left: float | None) -> None:
-        code = 70
-        try:
-            gc.disable()  # the child lives for one job; collecting would only copy pages
-            try:
-                os.setpgid(0, 0)
-            except OSError:
-                pass
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            die_with_parent()
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os._exit(code)
-            if lease_fd >= 0 and lease_left is not None and self.lease_guard:
-                _start_lease_watchdog(lease_fd, lease_left, self.lease_guard, job.id, write_fd)
-            random.seed()
-            if self.memory_limit:
-                import resource
-
-                resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
-            self.prepare_child()
-            outcome = execute(job, self.ctx)
-            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-            view = memoryview(data)
-            while view:
-                written = os.write(write_fd, view)
-                view = view[written:]
-            code = 0
-            os.close(write_fd)  # the parent has the outcome now, before this process exits
-        except BaseException:  # noqa: BLE001 - the parent reports a child without an outcome
-            try:
-                import traceback
-
-                traceback.print_exc()
-            except BaseException:
-                pass
-        finally:
-            try:
-                flush_logs()  # the CLI's log lines are buffered; os._exit would drop them
-                sys.stdout.flush()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-            os._exit(code)
 
     # -- the parent's side ----------------------------------------------------------------------
 
@@ -240,8 +259,9 @@ class ForkExecutor:
                 if outcome is not None and child.killed_for is None:
                     # the job is done; the process may still be exiting: reap it later
                     self._release(child, outcome)
-                    self._exiting.add(child.pid)
-                    self.reap_exited()
+                    if child.server is None:  # a fork server reaps its own children
+                        self._exiting.add(child.pid)
+                        self.reap_exited()
                 else:
                     self._reap(child, block=True)
                 return
@@ -265,6 +285,8 @@ class ForkExecutor:
             child.lease_fd = -1
         self.children.pop(child.fd, None)
         self._outcomes.append(outcome)
+        if child.server is not None:
+            child.server.forget(child.pid)  # the server reaps it
 
     def reap_exited(self) -> None:
         """Collect children that finished exiting (no zombies are left behind)."""
@@ -289,12 +311,18 @@ class ForkExecutor:
             child.buffer += chunk
 
     def _reap(self, child: _Child, block: bool) -> bool:
-        try:
-            pid, status, _usage = os.wait4(child.pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            pid, status = child.pid, 0
-        if pid == 0:
-            return False
+        if child.server is not None:
+            found = child.server.status(child.pid, block)
+            if found is None:
+                return False
+            status = found
+        else:
+            try:
+                pid, status, _usage = os.wait4(child.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child.pid, 0
+            if pid == 0:
+                return False
         self._drain(child)
         self._release(child, self._outcome_of(child, status))
         return True
@@ -306,7 +334,8 @@ class ForkExecutor:
                                       "and its process was killed")
         if child.killed_for == "abort":
             return Outcome(job.id, job.attempts, "interrupted", queue=job.queue)
-        if child.killed_for == "fenced" or child.buffer.endswith(LEASE_LOST_MARK):
+        if (child.killed_for == "fenced" or child.buffer.endswith(LEASE_LOST_MARK)
+                or (child.server is not None and child.pid in child.server.fenced)):
             return Outcome(job.id, job.attempts, "fenced", queue=job.queue)
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and child.buffer:
             try:
@@ -381,6 +410,75 @@ class ForkExecutor:
             except ChildProcessError:
                 pass
         self._exiting.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def run_child(job: ClaimedJob, ctx: ExecutionContext, write_fd: int, parent: int, lease_fd: int,
+              lease_left: float | None, lease_guard: float | None, memory_limit: int | None,
+              prepare: Callable[[], None] | None = None) -> NoReturn:
+    """A job's process, just forked (by the worker or by its fork server): run the job, write
+    its outcome to ``write_fd``, and leave with ``os._exit``."""
+    code = 70
+    try:
+        gc.disable()  # the child lives for one job; collecting would only copy pages
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        die_with_parent()
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(code)
+        if lease_fd >= 0 and lease_left is not None and lease_guard:
+            _start_lease_watchdog(lease_fd, lease_left, lease_guard, job.id, write_fd)
+        random.seed()
+        if memory_limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        if prepare is not None:
+            prepare()
+        outcome = execute(job, ctx)
+        data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(data)
+        while view:
+            written = os.write(write_fd, view)
+            view = view[written:]
+        code = 0
+        os.close(write_fd)  # the parent has the outcome now, before this process exits
+    except BaseException:  # noqa: BLE001 - the parent reports a child without an outcome
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        try:
+            flush_logs()  # the CLI's log lines are buffered; os._exit would drop them
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        os._exit(code)
+
+
+MAX_SERVER_STARTS = 5
+"""A fork server that dies this many times is not started again (the worker forks jobs)."""
+
+
+def _modules_of(task: str | None) -> list[str]:
+    """The modules of ``task``'s path that the worker has imported: the fork server imports
+    them too, once, instead of every child importing them."""
+    if not task:
+        return []
+    path = task.replace(":", ".")
+    parts = path.split(".")
+    return [m for m in (".".join(parts[:i]) for i in range(1, len(parts))) if m in sys.modules]
 
 
 LEASE_LOST_MARK = b"\x00sqla_pq:lease-lost\x00"

@@ -1,0 +1,434 @@
+"""The fork server: a small process that forks a fork worker's job processes for it.
+
+Why: a fork, and the copy-on-write faults and teardown that follow it, cost in proportion to
+the forking process's memory.  The worker holds SQLAlchemy, psycopg2, its pools and threads
+(~45 MB); the server is a fresh interpreter holding only what running a job needs (the task
+modules the worker imported, ~12 MB), so each job's process is several times cheaper.
+
+The worker still owns each job: it creates the job's outcome and lease pipes, hands them to
+the server with the claimed job (``SCM_RIGHTS`` over a Unix socket), and gets the child's pid
+back; from then on it reads the outcome, renews the lease and kills the child exactly as it
+does for a child it forked itself.  The server reaps the children and reports their exit
+statuses.  The server dies with the worker (``PR_SET_PDEATHSIG``, and at the socket's end),
+and its children die with it.
+
+The server also keeps its children's leases: the worker tells it after each good heartbeat,
+and a child whose lease runs out is killed and reported ``fenced`` (the job is given back, as
+another worker may have it now).  The server is a process of its own, in a process group of its
+own: a frozen worker (SIGSTOP, Ctrl-Z) does not freeze it, so no child needs a watchdog thread.
+
+Jobs the server cannot run the way the worker would are forked by the worker itself: atomic
+tasks (their transaction needs the worker's ``PQ``), tasks defined in ``__main__``, and every
+job when the hooks cannot be pickled (a lambda, a closure, Sentry, a Flask or Pyramid wrapper).
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from ..tasks import RegisteredTask
+from .call import ClaimedJob, ExecutionContext
+
+log = logging.getLogger("sqla_pq.worker")
+
+_HEADER = struct.Struct("!I")
+START_TIMEOUT = 30.0
+"""Seconds the worker waits for the server to fork a job's process: it starts with a fresh
+interpreter (~0.1 s) and then only forks, so a longer wait means it is stuck."""
+
+
+class ForkServerGone(Exception):
+    """The fork server died or stopped answering: the worker forks its jobs itself."""
+
+
+class ForkServerRefused(Exception):
+    """The fork server cannot find the job's registered task: the worker forks the job."""
+
+
+def _send(sock: socket.socket, message: Any, fds: list[int] | None = None) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = _HEADER.pack(len(body)) + body
+    if fds:
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        try:
+            chunk = sock.recv(min(left, 1 << 20))
+        except ConnectionError:
+            return None
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_with_fds(sock: socket.socket) -> tuple[Any, list[int]] | None:
+    """One message and the descriptors sent with it; None at the end of the stream."""
+    header, fds = b"", []
+    while len(header) < _HEADER.size:
+        try:
+            data, got, _flags, _addr = socket.recv_fds(sock, _HEADER.size - len(header), 4)
+        except ConnectionError:  # the worker is gone
+            data, got = b"", []
+        if not data:
+            for fd in got + fds:
+                os.close(fd)
+            return None
+        header += data
+        fds.extend(got)
+    body = _recv_exactly(sock, _HEADER.unpack(header)[0])
+    if body is None:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return pickle.loads(body), fds
+
+
+# -- the worker's side ------------------------------------------------------------------------------
+
+
+def transferable(ctx: ExecutionContext) -> bytes | None:
+    """The execution context as the server can rebuild it (the atomic runner stays behind:
+    atomic jobs are forked by the worker), or None when the hooks cannot be pickled."""
+    if ctx.call_wrapper is not None:
+        return None
+    try:
+        data = pickle.dumps(replace(ctx, atomic_runner=None), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(data)  # a hook pickled by reference must also be found by that reference
+    except Exception as exc:  # noqa: BLE001 - any failure means: fork in the worker
+        log.debug("jobs are forked by the worker itself (the hooks cannot be pickled: %s)", exc)
+        return None
+    return data
+
+
+def _log_config() -> tuple[int, str | None, str | None]:
+    root = logging.getLogger()
+    for handler in root.handlers:
+        fmt = handler.formatter
+        if fmt is not None:
+            return root.level, fmt._fmt, fmt.datefmt
+    return root.level, None, None
+
+
+def _registration(entry: RegisteredTask) -> tuple[str, str | None, bytes | None]:
+    """How the server registers a task as the worker did: by importing the function's module
+    (``@pq.task`` registers on import), else from the pickled entry (``define_job``)."""
+    try:
+        data: bytes | None = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - a decorated function pickles by a name that is its wrapper
+        data = None
+    return entry.name, getattr(entry.func, "__module__", None), data
+
+
+class ForkServer:
+    """The worker's handle on its fork server process."""
+
+    def __init__(self, ctx_data: bytes, lease_guard: float | None, memory_limit: int | None) -> None:
+        import subprocess
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+                f"from sqla_pq.execution.forkserver import main; main({theirs.fileno()})")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.sock = ours
+        self.pid = self.process.pid
+        self._buffer = bytearray()
+        self._started: dict[int, int] = {}  # job id -> pid (-1: refused)
+        self._registered: set[str] = set()
+        """Registered tasks whose registration the server has been sent."""
+        self.statuses: dict[int, int] = {}
+        """Exit statuses of the children the worker still waits for (``wanted``)."""
+        self.wanted: set[int] = set()
+        self.fenced: set[int] = set()
+        """Children the server killed because their lease ran out."""
+        self.alive = True
+        _send(ours, ("init", list(sys.path), ctx_data, _log_config(), lease_guard, memory_limit,
+                     os.getpid()))
+
+    def start(self, job: ClaimedJob, out_fd: int, lease_left: float | None, modules: list[str],
+              entry: RegisteredTask | None) -> int:
+        """Have the server fork ``job``'s process (its outcome goes to ``out_fd``); its pid."""
+        registration = None
+        if entry is not None and entry.name not in self._registered:
+            registration = _registration(entry)
+            self._registered.add(entry.name)
+        try:
+            _send(self.sock, ("job", job, lease_left, modules, registration), [out_fd])
+        except OSError as exc:
+            self._gone()
+            raise ForkServerGone(f"the fork server is gone ({exc})") from exc
+        deadline = time.monotonic() + START_TIMEOUT
+        while job.id not in self._started:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close(kill=True)
+                raise ForkServerGone(f"the fork server did not start job {job.id} in {START_TIMEOUT:g}s")
+            self.pump(left)
+            if not self.alive:
+                raise ForkServerGone("the fork server died")
+        pid = self._started.pop(job.id)
+        if pid < 0:
+            raise ForkServerRefused(f"the fork server cannot find task {job.task!r}")
+        self.wanted.add(pid)
+        return pid
+
+    def renew(self, pids: list[int]) -> None:
+        """The leases of these children's jobs were renewed (a good heartbeat)."""
+        if self.alive and pids:
+            try:
+                _send(self.sock, ("renew", pids))
+            except OSError:
+                self._gone()
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """Read what the server has said, waiting at most ``timeout`` for the first bytes."""
+        if not self.alive:
+            return
+        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
+        while ready:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._gone()
+                break
+            self._buffer += chunk
+            ready, _, _ = select.select([self.sock], [], [], 0)
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self._buffer
+        while len(buf) >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf)
+            if len(buf) < _HEADER.size + n:
+                break
+            kind, a, b = pickle.loads(bytes(buf[_HEADER.size:_HEADER.size + n]))
+            del buf[:_HEADER.size + n]
+            if kind == "started":
+                self._started[a] = b
+            elif kind == "exited" and a in self.wanted:
+                self.statuses[a] = b
+            elif kind == "fenced" and a in self.wanted:
+                self.fenced.add(a)
+
+    def status(self, pid: int, block: bool, timeout: float = 10.0) -> int | None:
+        """The exit status of child ``pid`` (a SIGKILL status when the server is gone: its
+        children die with it)."""
+        self.pump(0)
+        deadline = time.monotonic() + timeout
+        while pid not in self.statuses and self.alive and block:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.pump(left)
+        if pid in self.statuses:
+            self.wanted.discard(pid)
+            return self.statuses.pop(pid)
+        if not self.alive or block:
+            self.wanted.discard(pid)
+            return signal.SIGKILL
+        return None
+
+    def forget(self, pid: int) -> None:
+        """The worker has what it needs from child ``pid``: no status to keep for it."""
+        self.wanted.discard(pid)
+        self.statuses.pop(pid, None)
+        self.fenced.discard(pid)
+
+    def _gone(self) -> None:
+        if self.alive:
+            self.alive = False
+            log.warning("the fork server (pid %s) is gone; the worker forks jobs itself until "
+                        "it starts a new one", self.pid)
+
+    def close(self, kill: bool = False, timeout: float = 5.0) -> None:
+        """Stop the server: the end of its socket tells it to exit."""
+        self.alive = False
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if kill:
+            self.process.kill()
+        try:
+            self.process.wait(timeout)
+        except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: no longer polite
+            self.process.kill()
+            self.process.wait()
+
+
+# -- the server's side -------------------------------------------------------------------------
+
+
+def main(fd: int) -> None:
+    """The server process: fork a child per job the worker sends, report their exits."""
+    from ..serialization import preload
+    from .fork import _load_libc, die_with_parent, run_child
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and stop signals are the worker's
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _load_libc()
+    sock = socket.socket(fileno=fd)
+    received = _recv_with_fds(sock)
+    if received is None:
+        os._exit(0)
+    (_kind, sys_path, ctx_data, (level, fmt, datefmt), lease_guard, memory_limit,
+     worker_pid), _ = received
+    die_with_parent()
+    if os.getppid() != worker_pid:
+        os._exit(0)
+    try:
+        os.setpgid(0, 0)  # out of the terminal's reach: Ctrl-Z stops the worker, not its leases
+    except OSError:
+        pass
+    sys.path[:] = sys_path
+    if fmt is not None:
+        logging.basicConfig(level=level, format=fmt, datefmt=datefmt)
+    else:
+        logging.getLogger().setLevel(level)
+    ctx: ExecutionContext = pickle.loads(ctx_data)
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    me = os.getpid()
+    leases: dict[int, tuple[float, int]] = {}  # pid -> (lease deadline, job id)
+    while True:
+        timeout = None
+        if leases:
+            timeout = max(0.0, min(d for d, _ in leases.values()) - time.monotonic())
+        ready, _, _ = select.select([sock, wake_r], [], [], timeout)
+        if leases:
+            _fence_expired(sock, leases)
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            _report_exits(sock, leases)
+        if sock in ready:
+            received = _recv_with_fds(sock)
+            if received is None:  # the worker has closed its end: it is stopping
+                os._exit(0)
+            message, fds = received
+            if message[0] == "renew":
+                until = time.monotonic() + (lease_guard or 0.0)
+                for pid in message[1]:
+                    if pid in leases:
+                        leases[pid] = (until, leases[pid][1])
+                continue
+            _kind, job, lease_left, job_modules, registration = message
+            out_fd = fds[0]
+            for name in job_modules:
+                if name not in sys.modules:
+                    _import_quietly(name)
+            if registration is not None and not _register(*registration):
+                for f in fds:
+                    os.close(f)
+                _send(sock, ("started", job.id, -1))  # the worker forks this one itself
+                continue
+            preload(job.encoding)
+            pid = os.fork()
+            if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                sock.close()
+                os.close(wake_r)
+                os.close(wake_w)
+                # no watchdog thread in the child: this process keeps its lease
+                run_child(job, ctx, out_fd, me, -1, None, None, memory_limit)
+            try:
+                os.setpgid(pid, pid)  # before the worker can killpg it
+            except OSError:
+                pass
+            for f in fds:
+                os.close(f)
+            if lease_left is not None and lease_guard:
+                leases[pid] = (time.monotonic() + lease_left, job.id)
+            _send(sock, ("started", job.id, pid))
+
+
+def _fence_expired(sock: socket.socket, leases: dict[int, tuple[float, int]]) -> None:
+    """Kill the children whose lease the worker stopped renewing (frozen, or cut off from the
+    database): the rescuer may give their jobs to another worker, which must not run them
+    alongside."""
+    now = time.monotonic()
+    for pid, (deadline, job_id) in list(leases.items()):
+        if deadline > now:
+            continue
+        del leases[pid]
+        sys.stderr.write(f"sqla_pq: job {job_id}: the worker stopped renewing its lease; "
+                         "stopping the job so that it cannot run twice\n")
+        sys.stderr.flush()
+        _send(sock, ("fenced", pid, job_id))  # before the kill: the worker reads it first
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _report_exits(sock: socket.socket, leases: dict[int, tuple[float, int]]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        leases.pop(pid, None)
+        _send(sock, ("exited", pid, status))
+
+
+def _register(name: str, module: str | None, data: bytes | None) -> bool:
+    """Register task ``name`` here as the worker has it; False when that cannot be done."""
+    from ..tasks import _REGISTRY
+
+    if name not in _REGISTRY and module and module != "__main__":
+        _import_quietly(module)
+    if name not in _REGISTRY and data is not None:
+        try:
+            entry = pickle.loads(data)
+        except BaseException as exc:  # noqa: BLE001 - then the worker forks the job
+            sys.stderr.write(f"sqla_pq fork server: task {name}: {exc!r}\n")
+        else:
+            _REGISTRY[name] = entry
+    return name in _REGISTRY
+
+
+def _import_quietly(name: str) -> None:
+    """Import a module the worker had imported; a failure is the job's to report, not ours."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except BaseException as exc:  # noqa: BLE001 - the child imports it again and reports
+        sys.stderr.write(f"sqla_pq fork server: importing {name} failed: {exc!r}\n")

@@ -1,0 +1,77 @@
+"""The fork server: fork-mode jobs are forked by a small process, not by the worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests import tasks
+from tests.helpers import WorkerProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _facts_of(pq, *worker_args: str, worker_env) -> tuple[dict, int]:
+    job = pq.enqueue(tasks.process_facts)
+    w = WorkerProcess(worker_env, ["default", "--burst", *worker_args])
+    try:
+        assert w.wait(60) == 0, w.output()
+    finally:
+        w.stop()
+    done = pq.get_job(job.id)
+    assert done.status == "succeeded", done.error
+    return done.return_value(), w.pid
+
+
+def test_a_fork_job_runs_in_a_process_without_sqlalchemy_forked_by_the_fork_server(pq, worker_env):
+    facts, worker_pid = _facts_of(pq, worker_env=worker_env)
+    assert facts["ppid"] != worker_pid, "the worker forked the job itself"
+    assert facts["sqlalchemy"] is False, "the job's process carries the worker's SQLAlchemy"
+
+
+def test_without_the_fork_server_the_worker_forks_each_job_itself(pq, worker_env):
+    facts, worker_pid = _facts_of(pq, "--no-fork-server", worker_env=worker_env)
+    assert facts["ppid"] == worker_pid and facts["sqlalchemy"] is True
+
+
+def test_a_fork_server_killed_mid_job_fails_that_job_and_the_next_job_still_runs(pq, worker_env,
+                                                                              tmp_path):
+    marker = tmp_path / "server-pid"
+    job = pq.enqueue(tasks.parent_pid_then_sleep, str(marker), 30)
+    w = WorkerProcess(worker_env, ["default"])
+    try:
+        wait_until(lambda: marker.exists() and marker.read_text(), 30, message="the job to start")
+        server = int(marker.read_text())
+        assert server != w.pid
+        os.kill(server, signal.SIGKILL)
+        wait_until(lambda: pq.get_job(job.id).status == "failed", 30, message="the job to fail")
+        assert "SIGKILL" in pq.get_job(job.id).error
+        after = pq.enqueue(tasks.process_facts)
+        wait_until(lambda: pq.get_job(after.id).status == "succeeded", 30,
+                   message="a job after the server's death")
+        facts = pq.get_job(after.id).return_value()
+        assert facts["ppid"] not in (server, w.pid), "no new fork server was started"
+        assert w.proc.poll() is None, "the worker died with its fork server"
+        assert "fork server" in w.output()
+    finally:
+        w.stop()
+
+
+def test_a_job_of_a_task_the_fork_server_cannot_find_is_forked_by_the_worker(pq, tmp_path):
+    """A task registered at run time (here, inside the test) exists only in the worker."""
+    pids = tmp_path / "pids"
+
+    @pq.task(name="tests.fork_server.local")
+    def local() -> int:
+        with open(pids, "a", encoding="ascii") as f:
+            f.write(f"{os.getppid()}\n")
+        return 7
+
+    jobs = [local.delay() for _ in range(3)]
+    processed = pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
+                              maintenance=False)
+    assert processed == 3
+    assert all(pq.get_job(j.id).return_value() == 7 for j in jobs)
+    assert set(pids.read_text().split()) == {str(os.getpid())}
