@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--isolation", choices=["fork", "thread"], default="fork")
     w.add_argument("-c", "--concurrency", type=int, default=1)
     w.add_argument("--prefetch", type=int, default=0,
-                   help="thread mode: hold this many jobs beyond -c, started as threads free up")
+                   help="hold this many jobs beyond -c, started the moment a slot frees up")
     w.add_argument("--max-runtime", type=float, help="cap on any job's timeout, in seconds")
     w.add_argument("--rate-limit", type=float, help="minimum seconds between two job starts")
     w.add_argument("--priority", type=int, action="append",

@@ -149,9 +149,6 @@ class Worker:
             raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be 0 or more, not {prefetch!r}")
-        if prefetch and isolation != "thread":
-            raise ValueError("prefetch needs isolation='thread': a fork worker forks each job "
-                             "the moment it claims it")
         if isinstance(queues, str):
             queues = [q for q in queues.replace(",", " ").split() if q]
         self.queues: tuple[str, ...] | None = (
@@ -274,6 +271,7 @@ class Worker:
                 lease_guard=self.lease_guard,
                 # a subclass's own _prepare_child must run in every child: the worker forks them
                 fork_server=self.fork_server and type(self)._prepare_child is Worker._prepare_child,
+                prefetch=self.prefetch,
             )
             executor.register_fd = lambda fd: self.selector.register(fd, selectors.EVENT_READ, "child")
             executor.unregister_fd = self.selector.unregister
@@ -343,6 +341,7 @@ class Worker:
 
     def _finish(self) -> None:
         self.state = "stopping"
+        self.executor.release_waiting()  # a held job never starts once the worker stops
         if self._abort:
             self._give_back_running()
         else:
@@ -849,6 +848,8 @@ class Worker:
             candidates.append(self._lease_due)
         if self._maybe_work and self.executor.free() > 0 and not self._stopping:
             candidates.append(max(self._retry_at, now))
+        if self.executor.has_outcomes():  # one that came without a wake-up (a failed start)
+            candidates.append(now)
         return max(0.0, min(candidates) - now)
 
     def _sleep(self, timeout: float) -> None:

@@ -218,3 +218,15 @@ def parent_pid_then_sleep(path: str, seconds: float) -> None:
     with open(path, "w", encoding="ascii") as f:
         f.write(str(os.getppid()))
     time.sleep(seconds)
+
+
+def random_and_thread() -> dict[str, Any]:
+    """A random number, and whether a thread started here ran (the process is usable)."""
+    import random
+    import threading
+
+    ran: list[int] = []
+    thread = threading.Thread(target=lambda: ran.append(threading.get_ident()))
+    thread.start()
+    thread.join(5)
+    return {"random": random.random(), "thread_ran": bool(ran)}

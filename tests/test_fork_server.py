@@ -75,3 +75,29 @@ def test_a_job_of_a_task_the_fork_server_cannot_find_is_forked_by_the_worker(pq,
     assert processed == 3
     assert all(pq.get_job(j.id).return_value() == 7 for j in jobs)
     assert set(pids.read_text().split()) == {str(os.getpid())}
+
+
+def test_job_processes_draw_their_own_random_numbers_and_can_start_threads(pq, worker_env):
+    """The server forks with libc's fork (no after-fork callbacks): each child reseeds and
+    its threading still works."""
+    jobs = [pq.enqueue(tasks.random_and_thread) for _ in range(3)]
+    w = WorkerProcess(worker_env, ["default", "--burst"])
+    try:
+        assert w.wait(60) == 0, w.output()
+    finally:
+        w.stop()
+    values = [pq.get_job(j.id).return_value() for j in jobs]
+    assert all(v["thread_ran"] for v in values)
+    assert len({v["random"] for v in values}) == 3, "two jobs drew the same random number"
+
+
+def test_an_after_fork_callback_of_a_task_module_runs_in_its_job_processes(pq, worker_env):
+    from tests import at_fork_module
+
+    jobs = [pq.enqueue(at_fork_module.hook_ran) for _ in range(2)]
+    w = WorkerProcess(worker_env, ["default", "--burst", "-I", "tests.at_fork_module"])
+    try:
+        assert w.wait(60) == 0, w.output()
+    finally:
+        w.stop()
+    assert [pq.get_job(j.id).return_value() for j in jobs] == [True, True]

@@ -1,5 +1,6 @@
-"""Prefetch (thread mode): a worker holds ``prefetch`` jobs beyond ``concurrency``, never runs more
-than ``concurrency`` at once, and gives back the held jobs it did not start, as they were."""
+"""Prefetch: a worker holds ``prefetch`` jobs beyond ``concurrency``, never runs more than
+``concurrency`` at once (threads, or fork children), and gives back the held jobs it did not
+start, as they were."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 from sqla_pq import queries
 from tests import tasks
 from tests.helpers import BackgroundWorker, rows, scalar, wait_until
+
+ISOLATIONS = pytest.mark.parametrize("isolation", ["thread", "fork"])
 
 
 def _most_at_once(engine) -> int:
@@ -22,9 +25,11 @@ def _most_at_once(engine) -> int:
     return most
 
 
-def test_a_prefetching_worker_holds_more_jobs_than_it_runs(pq, engine, url_str):
+@ISOLATIONS
+def test_a_prefetching_worker_holds_more_jobs_than_it_runs(pq, engine, url_str, isolation):
     jobs = [pq.enqueue(tasks.record, url_str, "p", 0.4) for _ in range(8)]
-    with BackgroundWorker(pq, ["default"], concurrency=2, prefetch=3, maintenance=False):
+    with BackgroundWorker(pq, ["default"], concurrency=2, prefetch=3, maintenance=False,
+                          isolation=isolation):
         wait_until(lambda: scalar(engine, "SELECT count(*) FROM pq_job WHERE status = 'running'") == 5,
                    10, message="five jobs held: two running, three prefetched")
         assert scalar(engine, "SELECT count(*) FROM test_ledger WHERE finished_at IS NULL") <= 2
@@ -35,9 +40,11 @@ def test_a_prefetching_worker_holds_more_jobs_than_it_runs(pq, engine, url_str):
     assert _most_at_once(engine) == 2, "prefetched jobs ran beyond the concurrency"
 
 
-def test_a_stopping_worker_gives_back_the_jobs_it_did_not_start_as_they_were(pq, engine, url_str):
+@ISOLATIONS
+def test_a_stopping_worker_gives_back_the_jobs_it_did_not_start_as_they_were(pq, engine, url_str, isolation):
     jobs = [pq.enqueue(tasks.record, url_str, "s", 1.0) for _ in range(4)]
-    with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=3, maintenance=False):
+    with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=3, maintenance=False,
+                          isolation=isolation):
         wait_until(lambda: scalar(engine, "SELECT count(*) FROM test_ledger") == 1, 10,
                    message="the first job to start")
     # the worker finished the job in hand and released the three it held
@@ -50,10 +57,12 @@ def test_a_stopping_worker_gives_back_the_jobs_it_did_not_start_as_they_were(pq,
     assert scalar(engine, "SELECT count(*) FROM test_ledger") == 1
 
 
-def test_a_held_job_whose_lease_is_in_doubt_is_given_back_unstarted(pq, engine, url_str, caplog):
+@ISOLATIONS
+def test_a_held_job_whose_lease_is_in_doubt_is_given_back_unstarted(pq, engine, url_str, caplog, isolation):
     first = pq.enqueue(tasks.record, url_str, "first", 1.5)
     held = pq.enqueue(tasks.record, url_str, "held", 0.0)
-    with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=1, maintenance=False):
+    with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=1, maintenance=False,
+                          isolation=isolation):
         wait_until(lambda: pq.get_job(held.id).status == "running", 10,
                    message="the second job to be prefetched")
         with engine.begin() as c:  # what a frozen worker finds: the lease ran out meanwhile
@@ -79,9 +88,7 @@ def test_release_is_a_no_op_for_a_job_another_worker_holds_now(pq, engine):
     assert pq.get_job(job.id).status == "running"
 
 
-def test_prefetch_needs_thread_isolation(pq):
-    with pytest.raises(ValueError, match="prefetch needs isolation='thread'"):
-        pq.worker(["default"], isolation="fork", prefetch=2)
+def test_prefetch_cannot_be_negative(pq):
     with pytest.raises(ValueError, match="prefetch must be 0 or more"):
         pq.worker(["default"], isolation="thread", prefetch=-1)
 
@@ -92,13 +99,14 @@ def test_claim_sizes_round_down_to_a_few_statements():
     assert all(queries.claim_size(n) <= n for n in range(0, 200))
 
 
-def test_a_held_job_that_waited_past_its_timeout_is_still_stopped_on_time(pq, engine):
+@ISOLATIONS
+def test_a_held_job_that_waited_past_its_timeout_is_still_stopped_on_time(pq, engine, isolation):
     """Its deadline counts from its start; the loop, which plans wake-ups from the earliest
     possible deadline of each held job, must hear of it when it finally starts."""
     first = pq.enqueue(tasks.sleep, 1.5)
     slow = pq.enqueue_call(tasks.busy_loop, args=(30,), timeout=0.5, max_retries=0)
     with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=1, maintenance=False,
-                          worker_ttl=300):
+                          worker_ttl=300, isolation=isolation):
         pq.wait(first.id, timeout=15)
         wait_until(lambda: pq.get_job(slow.id).status == "failed", 5,
                    message="the held job to be stopped at its timeout")

@@ -4,7 +4,13 @@ The parent claims and records; the child only runs the job and reports its outco
 pipe.  A child that segfaults, calls ``os._exit``, is OOM-killed, or runs past its timeout
 (the parent SIGKILLs it) is recorded as a failure with the reason, and the worker lives on.  A
 child whose job's lease is not renewed in time (the parent is frozen, or the database out of
-reach) kills itself, and the job is given back rather than failed.
+reach) is stopped (by the fork server, or by its own watchdog), and the job is given back
+rather than failed.
+
+Who forks: the worker's fork server (``forkserver.py``), a small process whose forks cost a
+fraction of the worker's, for every job it can run as the worker would; the worker itself for
+the rest (atomic tasks, tasks in ``__main__``, hooks that cannot be pickled) and with
+``fork_server=False``.  Either way the worker owns the child: its pipe, timeout and outcome.
 
 No database connection crosses the fork: the child disposes the pools it inherited without
 closing them (the parent still uses those sockets) and opens its own if the job needs one.  The
@@ -14,6 +20,7 @@ the parent's business), and leaves with ``os._exit`` so no inherited object is c
 
 from __future__ import annotations
 
+import _signal
 import gc
 import logging
 import os
@@ -38,7 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("sqla_pq.worker")
 
 PR_SET_PDEATHSIG = 1
+_SIGKILL, _SIGINT, _SIGTERM, _SIGCHLD = (int(s) for s in (signal.SIGKILL, signal.SIGINT,
+                                                         signal.SIGTERM, signal.SIGCHLD))
+"""Plain ints for the child's first steps: the ``signal`` module's enums (and its wrapper of
+``signal.signal``, which looks its result up in an enum) touch enough objects to cost a no-op
+job's process ~100 copied pages."""
 _libc: ctypes.CDLL | None = None
+_prctl: Callable[..., int] | None = None
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -53,15 +66,17 @@ def _load_libc() -> ctypes.CDLL | None:
         except OSError:  # pragma: no cover - an unusual libc name
             name = ctypes.util.find_library("c")
             _libc = ctypes.CDLL(name, use_errno=True) if name else None
+        if _libc is not None:
+            global _prctl
+            _prctl = _libc.prctl  # looked up here: the first lookup builds objects, in each child
     return _libc
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+def die_with_parent(sig: int = _SIGKILL) -> bool:
     """Ask Linux to send ``sig`` to this process when its parent dies."""
-    libc = _libc
-    if libc is None:
+    if _prctl is None:
         return False
-    return bool(libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
+    return bool(_prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0)
 
 
 def parse_memory(value: int | str | None) -> int | None:
@@ -99,8 +114,13 @@ class ForkExecutor:
 
     def __init__(self, concurrency: int, ctx: ExecutionContext,
                  prepare_child: Callable[[], None], memory_limit: int | str | None = None,
-                 lease_guard: float | None = None, fork_server: bool = True) -> None:
+                 lease_guard: float | None = None, fork_server: bool = True,
+                 prefetch: int = 0) -> None:
         self.concurrency = concurrency
+        self.prefetch = prefetch
+        """Jobs held beyond ``concurrency``: the next one forks the moment a child reports,
+        instead of after a round trip to the database (still one process per job)."""
+        self._held: list[ClaimedJob] = []
         self.lease_guard = lease_guard
         """A child whose parent has not renewed its job's lease for this long kills itself: a
         frozen or partitioned parent cannot keep running a job the rescuer gives to another
@@ -157,26 +177,43 @@ class ForkExecutor:
         return server
 
     def free(self) -> int:
-        return self.concurrency - len(self.children)
+        return self.concurrency + self.prefetch - len(self.children) - len(self._held)
 
     def busy(self) -> int:
-        return len(self.children)
+        return len(self.children) + len(self._held)
 
     def release_waiting(self, job_ids: set[int] | None = None) -> list[ClaimedJob]:
-        """Nothing waits here: a job forks the moment it is submitted (no prefetch)."""
-        return []
+        """Take back held jobs (these, or all) before they start: each is reported
+        ``released``, for the worker to give back to the queue as it was."""
+        dropped = [j for j in self._held if job_ids is None or j.id in job_ids]
+        if dropped:
+            self._held = [j for j in self._held if j not in dropped]
+            self._outcomes.extend(Outcome(j.id, j.attempts, "released", queue=j.queue)
+                                  for j in dropped)
+        return dropped
 
     def running(self) -> list[ClaimedJob]:
-        return [c.job for c in self.children.values()]
+        """Every job in hand: forked, or held (its lease matters as much)."""
+        return [c.job for c in self.children.values()] + self._held
 
     def has_outcomes(self) -> bool:
         return bool(self._outcomes)
 
     def collect(self) -> list[Outcome]:
+        """The outcomes so far; then held jobs start in the slots their children freed (here,
+        once per turn of the loop, after a stopping worker has taken its held jobs back)."""
         out, self._outcomes = self._outcomes, []
+        while self._held and len(self.children) < self.concurrency:
+            self._start(self._held.pop(0))
         return out
 
     def submit(self, job: ClaimedJob) -> None:
+        if len(self.children) < self.concurrency:
+            self._start(job)
+        else:
+            self._held.append(job)
+
+    def _start(self, job: ClaimedJob) -> None:
         read_fd, write_fd = os.pipe()
         # the lease left when the child starts, counted from when the job's lease was set
         lease_ok_at = job.extra.get("lease_ok_at", time.monotonic())
@@ -193,6 +230,13 @@ class ForkExecutor:
                 self._worker_forks.add(job.task or "")
                 server = None
             except ForkServerGone as exc:
+                if exc.job_sent:  # its process may have run: a crash, not a second start
+                    log.warning("%s while starting job %s", exc, job.id)
+                    os.close(read_fd)
+                    os.close(write_fd)
+                    self._outcomes.append(crash_outcome(
+                        job, f"ChildDied: {exc} while starting the job's process"))
+                    return
                 log.warning("%s; job %s is forked by the worker", exc, job.id)
                 server = None
         if server is None:
@@ -374,7 +418,9 @@ class ForkExecutor:
                 pass
 
     def interrupt_all(self) -> list[ClaimedJob]:
-        """Second signal: kill every child; their jobs are given back."""
+        """Second signal: kill every child; their jobs are given back.  Held jobs never start
+        (released)."""
+        self.release_waiting()
         jobs = []
         for child in list(self.children.values()):
             if child.killed_for is None:
@@ -384,7 +430,9 @@ class ForkExecutor:
         return jobs
 
     def fence(self, job_ids: set[int]) -> None:
-        """Kill the children of these jobs (their leases were lost): reported ``fenced``."""
+        """Kill the children of these jobs (their leases were lost): reported ``fenced``.
+        Held ones never start."""
+        self.release_waiting(job_ids)
         for child in list(self.children.values()):
             if child.killed_for is None and child.job.id in job_ids:
                 child.killed_for = "fenced"
@@ -427,9 +475,9 @@ def run_child(job: ClaimedJob, ctx: ExecutionContext, write_fd: int, parent: int
             os.setpgid(0, 0)
         except OSError:
             pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _signal.signal(_SIGINT, _signal.SIG_IGN)  # _signal: see _SIGKILL
+        _signal.signal(_SIGTERM, _signal.SIG_DFL)
+        _signal.signal(_SIGCHLD, _signal.SIG_DFL)
         die_with_parent()
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(code)
