@@ -55,6 +55,9 @@ class Sizes:
     """``--prefetch`` of the S worker (-c 4): a slot that frees starts the next job at once."""
     fork_concurrency: int = 1
     """Fork children at a time per sqla_pq fork worker (RQ's fork worker runs one)."""
+    fork_prefetch: int = 1
+    """Jobs a sqla_pq fork worker holds beyond its child (``--prefetch``): still one job, one
+    process at a time, but the next one forks when a child reports, not after a round trip."""
     q_seconds_hint: float = 10.0
     """Q is sized (in rows) to last about this long at BENCH.md's orientation speed."""
     q_clients: int = 2

@@ -38,7 +38,8 @@ class SqlaPq(System):
     def label(self) -> str:
         if self.variant == "thread":
             return f"sqla_pq thread ×{self.sizes.concurrency} +{self.sizes.prefetch}"
-        return f"sqla_pq fork ×{self.sizes.fork_concurrency}"
+        s = self.sizes
+        return f"sqla_pq fork ×{s.fork_concurrency}" + (f" +{s.fork_prefetch}" if s.fork_prefetch else "")
 
     def settings(self) -> str:
         s = self.sizes
@@ -46,7 +47,9 @@ class SqlaPq(System):
             return (f"`sqla-pq worker --isolation thread -c {s.concurrency} --prefetch "
                     f"{s.prefetch}` (S: -c {s.sleep_concurrency} --prefetch {s.sleep_prefetch}), "
                     "burst for P1/P2")
-        return f"`sqla-pq worker --isolation fork -c {s.fork_concurrency}`, burst for P1/PF"
+        return (f"`sqla-pq worker --isolation fork -c {s.fork_concurrency} --prefetch "
+                f"{s.fork_prefetch}` (one job process at a time, forked by its fork server), "
+                "burst for P1/PF")
 
     def versions(self) -> dict[str, str]:
         import sqla_pq
@@ -110,7 +113,8 @@ class SqlaPq(System):
     def worker_commands(self, purpose: str, count: int, burst: bool) -> list[list[str]]:
         s = self.sizes
         if self.variant == "fork":
-            mode = ["--isolation", "fork", "-c", str(s.fork_concurrency)]
+            mode = ["--isolation", "fork", "-c", str(s.fork_concurrency),
+                    "--prefetch", str(s.fork_prefetch)]
         else:
             sleepers = purpose == "sleep"
             c = s.sleep_concurrency if sleepers else s.concurrency
