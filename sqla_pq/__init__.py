@@ -70,11 +70,16 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module 'sqla_pq' has no attribute {name!r}")
     import importlib
 
+    where = _WHERE.get(name)
+    if where is None:
+        try:  # a submodule, as `import sqla_pq` used to leave them: sqla_pq.tables, ...
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule exists; something it imports does not
+            raise AttributeError(f"module 'sqla_pq' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(where, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

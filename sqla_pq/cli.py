@@ -69,6 +69,14 @@ def _pq(args: argparse.Namespace) -> Any:
     return PQ(url, schema=args.schema)
 
 
+def _imported_modules(args: argparse.Namespace) -> list[str]:
+    """What the worker imported to load the application: its fork server imports them too."""
+    modules = list(args.imports or ())
+    if args.app:
+        modules.append(args.app.partition(":")[0])
+    return modules
+
+
 # -- commands ----------------------------------------------------------------------------------
 
 
@@ -99,6 +107,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         worker_ttl=args.worker_ttl,
         memory_limit=args.memory_limit,
         fork_server=args.fork_server,
+        fork_server_imports=_imported_modules(args),
         **extra,
     )
     log.debug("processed %d jobs", processed)
@@ -304,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-ttl", type=float, help="seconds between fallback polls")
     w.add_argument("--memory-limit", help="address-space limit of each fork child (e.g. 512M)")
     w.add_argument("--no-fork-server", dest="fork_server", action="store_false",
-                   help="fork each job from the worker itself, not from its small fork server")
+                   help="fork each job from the worker itself (with all it imported), not from "
+                        "its small fork server")
     w.add_argument("--terminate", action="store_true",
                    help="ask every worker to stop after its current jobs, and wait")
     w.add_argument("--wait", type=float, default=None, help="with --terminate: wait at most this long")

@@ -141,7 +141,8 @@ class Worker:
         maintenance: bool = True,
         install_signals: bool | None = None,
         call_wrapper: Callable[[ClaimedJob, Callable[[], Any]], Any] | None = None,
-        fork_server: bool = True,
+        fork_server: bool = False,
+        fork_server_imports: Sequence[str] = (),
     ) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, not {isolation!r}")
@@ -179,7 +180,10 @@ class Worker:
         self.call_wrapper = call_wrapper
         self.fork_server = fork_server
         """Fork mode: jobs' processes are forked by a small fork server rather than by this
-        (SQLAlchemy-sized) process, which makes each fork several times cheaper."""
+        (SQLAlchemy-sized) process, which makes each fork several times cheaper.  The job
+        processes then have what the server imported (``fork_server_imports``, the tasks'
+        modules), not all this process has: on by default in ``sqla-pq worker``, opt-in here."""
+        self.fork_server_imports = tuple(fork_server_imports)
         """Runs around each task call where the job runs (see ``ExecutionContext.call_wrapper``)."""
 
         self.processed = 0
@@ -272,6 +276,7 @@ class Worker:
                 # a subclass's own _prepare_child must run in every child: the worker forks them
                 fork_server=self.fork_server and type(self)._prepare_child is Worker._prepare_child,
                 prefetch=self.prefetch,
+                fork_server_imports=self.fork_server_imports,
             )
             executor.register_fd = lambda fd: self.selector.register(fd, selectors.EVENT_READ, "child")
             executor.unregister_fd = self.selector.unregister

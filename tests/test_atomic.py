@@ -70,7 +70,7 @@ def test_an_atomic_task_in_fork_mode_runs_in_a_child_of_the_worker(pq, engine, a
     """Its transaction needs the worker's PQ: the worker forks it, not the fork server."""
     job = atomic_tasks.delay("fork@b.c")
     processed = pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
-                              maintenance=False)
+                              maintenance=False, fork_server=True)
     assert processed == 1
     assert pq.get_job(job.id).status == "succeeded"
     assert scalar(engine, "SELECT count(*) FROM test_users") == 1

@@ -71,7 +71,7 @@ def test_a_job_of_a_task_the_fork_server_cannot_find_is_forked_by_the_worker(pq,
 
     jobs = [local.delay() for _ in range(3)]
     processed = pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
-                              maintenance=False)
+                              maintenance=False, fork_server=True)
     assert processed == 3
     assert all(pq.get_job(j.id).return_value() == 7 for j in jobs)
     assert set(pids.read_text().split()) == {str(os.getpid())}
@@ -101,3 +101,35 @@ def test_an_after_fork_callback_of_a_task_module_runs_in_its_job_processes(pq, w
     finally:
         w.stop()
     assert [pq.get_job(j.id).return_value() for j in jobs] == [True, True]
+
+
+def test_a_fork_server_that_cannot_start_fails_no_job(pq, tmp_path):
+    """Its hook lives in a module only this process has: the server dies while starting, and
+    the worker forks the jobs itself (they ran nowhere else)."""
+    import sys
+    import types
+
+    module = types.ModuleType("sqla_pq_test_only_here")
+
+    def hook(job) -> None:
+        pass
+
+    hook.__module__, hook.__qualname__ = module.__name__, "hook"
+    module.hook = hook
+    sys.modules[module.__name__] = module
+    try:
+        pids = tmp_path / "pids"
+        jobs = [pq.enqueue(tasks.write_pid, str(pids)) for _ in range(3)]
+        processed = pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
+                                  maintenance=False, fork_server=True, pre_execute=hook)
+    finally:
+        del sys.modules[module.__name__]
+    assert processed == 3
+    assert [pq.get_job(j.id).status for j in jobs] == ["succeeded"] * 3
+
+
+def test_a_worker_in_code_forks_its_jobs_itself_unless_asked(pq):
+    job = pq.enqueue(tasks.process_facts)
+    pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
+                  maintenance=False)
+    assert pq.get_job(job.id).return_value()["ppid"] == os.getpid()

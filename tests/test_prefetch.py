@@ -29,7 +29,8 @@ def _most_at_once(engine) -> int:
 def test_a_prefetching_worker_holds_more_jobs_than_it_runs(pq, engine, url_str, isolation):
     jobs = [pq.enqueue(tasks.record, url_str, "p", 0.4) for _ in range(8)]
     with BackgroundWorker(pq, ["default"], concurrency=2, prefetch=3, maintenance=False,
-                          isolation=isolation):
+                          isolation=isolation,
+                          fork_server=isolation == "fork"):
         wait_until(lambda: scalar(engine, "SELECT count(*) FROM pq_job WHERE status = 'running'") == 5,
                    10, message="five jobs held: two running, three prefetched")
         assert scalar(engine, "SELECT count(*) FROM test_ledger WHERE finished_at IS NULL") <= 2
@@ -44,7 +45,8 @@ def test_a_prefetching_worker_holds_more_jobs_than_it_runs(pq, engine, url_str, 
 def test_a_stopping_worker_gives_back_the_jobs_it_did_not_start_as_they_were(pq, engine, url_str, isolation):
     jobs = [pq.enqueue(tasks.record, url_str, "s", 1.0) for _ in range(4)]
     with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=3, maintenance=False,
-                          isolation=isolation):
+                          isolation=isolation,
+                          fork_server=isolation == "fork"):
         wait_until(lambda: scalar(engine, "SELECT count(*) FROM test_ledger") == 1, 10,
                    message="the first job to start")
     # the worker finished the job in hand and released the three it held
@@ -62,7 +64,8 @@ def test_a_held_job_whose_lease_is_in_doubt_is_given_back_unstarted(pq, engine, 
     first = pq.enqueue(tasks.record, url_str, "first", 1.5)
     held = pq.enqueue(tasks.record, url_str, "held", 0.0)
     with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=1, maintenance=False,
-                          isolation=isolation):
+                          isolation=isolation,
+                          fork_server=isolation == "fork"):
         wait_until(lambda: pq.get_job(held.id).status == "running", 10,
                    message="the second job to be prefetched")
         with engine.begin() as c:  # what a frozen worker finds: the lease ran out meanwhile
@@ -106,7 +109,8 @@ def test_a_held_job_that_waited_past_its_timeout_is_still_stopped_on_time(pq, en
     first = pq.enqueue(tasks.sleep, 1.5)
     slow = pq.enqueue_call(tasks.busy_loop, args=(30,), timeout=0.5, max_retries=0)
     with BackgroundWorker(pq, ["default"], concurrency=1, prefetch=1, maintenance=False,
-                          worker_ttl=300, isolation=isolation):
+                          worker_ttl=300, isolation=isolation,
+                          fork_server=isolation == "fork"):
         pq.wait(first.id, timeout=15)
         wait_until(lambda: pq.get_job(slow.id).status == "failed", 5,
                    message="the held job to be stopped at its timeout")

@@ -29,7 +29,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
@@ -114,8 +114,8 @@ class ForkExecutor:
 
     def __init__(self, concurrency: int, ctx: ExecutionContext,
                  prepare_child: Callable[[], None], memory_limit: int | str | None = None,
-                 lease_guard: float | None = None, fork_server: bool = True,
-                 prefetch: int = 0) -> None:
+                 lease_guard: float | None = None, fork_server: bool = False,
+                 prefetch: int = 0, fork_server_imports: Sequence[str] = ()) -> None:
         self.concurrency = concurrency
         self.prefetch = prefetch
         """Jobs held beyond ``concurrency``: the next one forks the moment a child reports,
@@ -137,6 +137,8 @@ class ForkExecutor:
         the job's critical path (an exit costs milliseconds of kernel time)."""
         _load_libc()
         self._server_ctx = transferable(ctx) if fork_server else None
+        self._server_imports = list(fork_server_imports)
+        """Modules the server imports at its start, as the worker did (``-I``, ``--app``)."""
         """The context the fork server runs jobs with; None: the worker forks every job."""
         self._server: ForkServer | None = None
         self._server_starts = 0
@@ -155,8 +157,9 @@ class ForkExecutor:
         self._server_starts += 1
         assert self._server_ctx is not None
         try:
-            self._server = ForkServer(self._server_ctx, self.lease_guard, self.memory_limit)
-        except OSError as exc:
+            self._server = ForkServer(self._server_ctx, self.lease_guard, self.memory_limit,
+                                      self._server_imports)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the worker forks jobs itself
             log.warning("could not start the fork server (%s); the worker forks jobs itself", exc)
             self._server = None
         return self._server
@@ -202,9 +205,14 @@ class ForkExecutor:
     def collect(self) -> list[Outcome]:
         """The outcomes so far; then held jobs start in the slots their children freed (here,
         once per turn of the loop, after a stopping worker has taken its held jobs back)."""
-        out, self._outcomes = self._outcomes, []
         while self._held and len(self.children) < self.concurrency:
-            self._start(self._held.pop(0))
+            job = self._held.pop(0)
+            try:
+                self._start(job)
+            except Exception:  # noqa: BLE001 - out of processes or descriptors: give it back
+                log.exception("could not start held job %s; it goes back to the queue", job.id)
+                self._outcomes.append(Outcome(job.id, job.attempts, "released", queue=job.queue))
+        out, self._outcomes = self._outcomes, []
         return out
 
     def submit(self, job: ClaimedJob) -> None:
@@ -226,8 +234,11 @@ class ForkExecutor:
             try:
                 pid = server.start(job, write_fd, lease_left, _modules_of(job.task),
                                    registered(job.task or ""))
-            except ForkServerRefused:
-                self._worker_forks.add(job.task or "")
+            except ForkServerRefused as exc:
+                if exc.transient:
+                    log.warning("%s; the worker forks it", exc)
+                else:
+                    self._worker_forks.add(job.task or "")
                 server = None
             except ForkServerGone as exc:
                 if exc.job_sent:  # its process may have run: a crash, not a second start
@@ -355,11 +366,18 @@ class ForkExecutor:
             child.buffer += chunk
 
     def _reap(self, child: _Child, block: bool) -> bool:
+        """Record a child that has exited (or, with ``block``, wait for it to)."""
         if child.server is not None:
             found = child.server.status(child.pid, block)
-            if found is None:
+            if found is None and block and child.server.alive:
+                # its pipe is closed but it has not exited: it must not outlive its record
+                self._kill(child)
+                found = child.server.status(child.pid, block)
+                if found is None and child.server.alive:
+                    found = int(signal.SIGKILL)  # killed above; its report is overdue
+            if found is None and child.server.alive:
                 return False
-            status = found
+            status = found  # None: the server died, and its children with it
         else:
             try:
                 pid, status, _usage = os.wait4(child.pid, 0 if block else os.WNOHANG)
@@ -371,7 +389,9 @@ class ForkExecutor:
         self._release(child, self._outcome_of(child, status))
         return True
 
-    def _outcome_of(self, child: _Child, status: int) -> Outcome:
+    def _outcome_of(self, child: _Child, status: int | None) -> Outcome:
+        """``status`` None: the fork server died before reporting it (its children die with
+        it); an outcome the child wrote in full still counts."""
         job = child.job
         if child.killed_for == "timeout":
             return crash_outcome(job, f"JobTimeout: the job ran past its timeout of {child.timeout:g}s "
@@ -381,13 +401,16 @@ class ForkExecutor:
         if (child.killed_for == "fenced" or child.buffer.endswith(LEASE_LOST_MARK)
                 or (child.server is not None and child.pid in child.server.fenced)):
             return Outcome(job.id, job.attempts, "fenced", queue=job.queue)
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and child.buffer:
+        if (status is None or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)) and child.buffer:
             try:
                 outcome: Outcome = pickle.loads(bytes(child.buffer))
                 outcome.queue = job.queue
                 return outcome
             except Exception:
                 pass
+        if status is None:
+            return crash_outcome(job, "ChildDied: the fork server died, and the job's process "
+                                      "with it (killed by SIGKILL)")
         return crash_outcome(job, describe_death(status))
 
     def check_deadlines(self, now: float) -> float | None:

@@ -34,7 +34,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -61,7 +61,16 @@ class ForkServerGone(Exception):
 
 
 class ForkServerRefused(Exception):
-    """The fork server cannot find the job's registered task: the worker forks the job."""
+    """The fork server did not fork the job (its task is unknown there, or the fork failed):
+    the worker forks it.  ``transient``: only this job, not every job of its task."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+REFUSED_UNKNOWN_TASK = -1
+REFUSED_ERROR = -2
 
 
 def _send(sock: socket.socket, message: Any, fds: list[int] | None = None) -> None:
@@ -127,13 +136,16 @@ def transferable(ctx: ExecutionContext) -> bytes | None:
     return data
 
 
-def _log_config() -> tuple[int, str | None, str | None]:
+def _log_config() -> tuple[int, str | None, str | None, str]:
+    """The root logger's level and its first handler's format (the worker command's own)."""
     root = logging.getLogger()
     for handler in root.handlers:
         fmt = handler.formatter
         if fmt is not None:
-            return root.level, fmt._fmt, fmt.datefmt
-    return root.level, None, None
+            style = next((k for k, (cls, _) in logging._STYLES.items()
+                          if type(fmt._style) is cls), "%")
+            return root.level, fmt._fmt, fmt.datefmt, style
+    return root.level, None, None, "%"
 
 
 def _registration(entry: RegisteredTask) -> tuple[str, str | None, bytes | None]:
@@ -149,7 +161,8 @@ def _registration(entry: RegisteredTask) -> tuple[str, str | None, bytes | None]
 class ForkServer:
     """The worker's handle on its fork server process."""
 
-    def __init__(self, ctx_data: bytes, lease_guard: float | None, memory_limit: int | None) -> None:
+    def __init__(self, ctx_data: bytes, lease_guard: float | None, memory_limit: int | None,
+                 imports: Sequence[str] = ()) -> None:
         import subprocess
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -172,8 +185,19 @@ class ForkServer:
         self.fenced: set[int] = set()
         """Children the server killed because their lease ran out."""
         self.alive = True
-        _send(ours, ("init", list(sys.path), ctx_data, _log_config(), lease_guard, memory_limit,
-                     os.getpid()))
+        self.ready = False
+        """The server has imported what it was told to and runs jobs: before that, a server
+        that dies had forked nothing."""
+        from ..tasks import _REGISTRY
+
+        registrations = [_registration(e) for e in list(_REGISTRY.values())]
+        self._registered.update(r[0] for r in registrations)
+        try:
+            _send(ours, ("init", list(sys.path), list(imports), registrations, ctx_data,
+                         _log_config(), lease_guard, memory_limit, os.getpid()))
+        except BaseException:
+            self.close(kill=True)
+            raise
 
     def start(self, job: ClaimedJob, out_fd: int, lease_left: float | None, modules: list[str],
               entry: RegisteredTask | None) -> int:
@@ -187,6 +211,7 @@ class ForkServer:
         except OSError as exc:
             self._gone()
             raise ForkServerGone(f"the fork server is gone ({exc})", job_sent=False) from exc
+        was_ready = self.ready
         deadline = time.monotonic() + START_TIMEOUT
         while job.id not in self._started:
             left = deadline - time.monotonic()
@@ -195,12 +220,15 @@ class ForkServer:
                 raise ForkServerGone(f"the fork server did not start job {job.id} in "
                                      f"{START_TIMEOUT:g}s", job_sent=True)
             self.pump(left)
-            if not self.alive:
-                raise ForkServerGone("the fork server died", job_sent=True)
+            if not self.alive and job.id not in self._started:
+                # a server that died while starting up had forked nothing
+                raise ForkServerGone("the fork server died",
+                                     job_sent=was_ready or self.ready)
         pid = self._started.pop(job.id)
-        if pid < 0:
+        if pid == REFUSED_UNKNOWN_TASK:
             raise ForkServerRefused(f"the fork server cannot find task {job.task!r}")
-        self.wanted.add(pid)
+        if pid < 0:
+            raise ForkServerRefused(f"the fork server could not fork job {job.id}", transient=True)
         return pid
 
     def renew(self, pids: list[int]) -> None:
@@ -215,7 +243,9 @@ class ForkServer:
         """Read what the server has said, waiting at most ``timeout`` for the first bytes."""
         if not self.alive:
             return
-        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0.0))
+        poller = select.poll()  # not select(): the worker's descriptors may pass 1024
+        poller.register(self.sock, select.POLLIN)
+        ready = poller.poll(max(timeout, 0.0) * 1000)
         while ready:
             try:
                 chunk = self.sock.recv(1 << 16)
@@ -225,7 +255,7 @@ class ForkServer:
                 self._gone()
                 break
             self._buffer += chunk
-            ready, _, _ = select.select([self.sock], [], [], 0)
+            ready = poller.poll(0)
         self._parse()
 
     def _parse(self) -> None:
@@ -238,14 +268,18 @@ class ForkServer:
             del buf[:_HEADER.size + n]
             if kind == "started":
                 self._started[a] = b
+                if b >= 0:  # its exit may follow in this very read
+                    self.wanted.add(b)
+            elif kind == "ready":
+                self.ready = True
             elif kind == "exited" and a in self.wanted:
                 self.statuses[a] = b
             elif kind == "fenced" and a in self.wanted:
                 self.fenced.add(a)
 
     def status(self, pid: int, block: bool, timeout: float = 10.0) -> int | None:
-        """The exit status of child ``pid`` (a SIGKILL status when the server is gone: its
-        children die with it)."""
+        """The exit status of child ``pid``; None while unknown (not exited yet, or never to
+        be known: see ``alive``)."""
         self.pump(0)
         deadline = time.monotonic() + timeout
         while pid not in self.statuses and self.alive and block:
@@ -256,9 +290,6 @@ class ForkServer:
         if pid in self.statuses:
             self.wanted.discard(pid)
             return self.statuses.pop(pid)
-        if not self.alive or block:
-            self.wanted.discard(pid)
-            return signal.SIGKILL
         return None
 
     def forget(self, pid: int) -> None:
@@ -304,7 +335,7 @@ def main(fd: int) -> None:
     received = _recv_with_fds(sock)
     if received is None:
         os._exit(0)
-    (_kind, sys_path, ctx_data, (level, fmt, datefmt), lease_guard, memory_limit,
+    (_kind, sys_path, imports, registrations, ctx_data, log_config, lease_guard, memory_limit,
      worker_pid), _ = received
     die_with_parent()
     if os.getppid() != worker_pid:
@@ -315,11 +346,13 @@ def main(fd: int) -> None:
         pass
     sys.path[:] = sys_path
     raw_fork = _raw_fork()  # before any module of the application is imported here
-    if fmt is not None:
-        logging.basicConfig(level=level, format=fmt, datefmt=datefmt)
-    else:
-        logging.getLogger().setLevel(level)
-    ctx: ExecutionContext = pickle.loads(ctx_data)
+    for name in imports:  # what the worker imported at start (-I, --app): their side effects
+        _import_quietly(name)
+    unknown = {r[0] for r in registrations if not _register(*r)}
+    """Tasks the worker has registered and this process could not: the worker forks them."""
+    _configure_logging(*log_config)
+    ctx: ExecutionContext = pickle.loads(ctx_data)  # a failure ends this process: the worker
+    _send(sock, ("ready", 0, 0))                     # then forks its jobs itself
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -333,8 +366,6 @@ def main(fd: int) -> None:
         if leases:
             timeout = max(0.0, min(d for d, _ in leases.values()) - time.monotonic())
         ready, _, _ = select.select([sock, wake_r], [], [], timeout)
-        if leases:
-            _fence_expired(sock, leases)
         if wake_r in ready:
             try:
                 while os.read(wake_r, 512):
@@ -352,38 +383,71 @@ def main(fd: int) -> None:
                 for pid in message[1]:
                     if pid in leases:
                         leases[pid] = (until, leases[pid][1])
-                continue
-            _kind, job, lease_left, job_modules, registration = message
-            out_fd = fds[0]
-            for name in job_modules:
-                if name not in sys.modules:
-                    _import_quietly(name)
-            if registration is not None and not _register(*registration):
-                for f in fds:
-                    os.close(f)
-                _send(sock, ("started", job.id, -1))  # the worker forks this one itself
-                continue
-            if registration is None and job_modules and job.encoding != DILL:
-                _resolve_quietly(job.task, ctx)  # once here (cached), not in every child
-            preload(job.encoding)
-            pid = raw_fork() if raw_fork is not None and _single_threaded() else os.fork()
-            if pid == 0:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                sock.close()
-                os.close(wake_r)
-                os.close(wake_w)
-                # no watchdog thread in the child: this process keeps its lease
-                run_child(job, ctx, out_fd, me, -1, None, None, memory_limit)
-            try:
-                os.setpgid(pid, pid)  # before the worker can killpg it
-            except OSError:
-                pass
-            for f in fds:
-                os.close(f)
-            if lease_left is not None and lease_guard:
-                leases[pid] = (time.monotonic() + lease_left, job.id)
-            _send(sock, ("started", job.id, pid))
+            else:
+                _kind, job, lease_left, job_modules, registration = message
+                try:
+                    pid = _fork_job(job, fds, job_modules, registration, ctx, raw_fork, me,
+                                    memory_limit, preload, DILL, run_child,
+                                    (sock.fileno(), wake_r, wake_w), unknown)
+                except Exception as exc:  # noqa: BLE001 - the worker forks this job instead
+                    sys.stderr.write(f"sqla_pq fork server: job {job.id}: {exc!r}\n")
+                    pid = REFUSED_ERROR
+                finally:
+                    for f in fds:
+                        os.close(f)
+                if pid >= 0 and lease_left is not None and lease_guard:
+                    leases[pid] = (time.monotonic() + lease_left, job.id)
+                _send(sock, ("started", job.id, pid))
+        if leases:  # after reading: renewals that were waiting count
+            _fence_expired(sock, leases)
+
+
+def _fork_job(job: ClaimedJob, fds: list[int], job_modules: list[str],
+              registration: tuple[str, str | None, bytes | None] | None, ctx: ExecutionContext,
+              raw_fork: Callable[[], int] | None, me: int, memory_limit: int | None,
+              preload: Callable[[str], None], dill: str, run_child: Callable[..., Any],
+              own_fds: tuple[int, ...], unknown: set[str]) -> int:
+    """Fork ``job``'s process; its pid, or REFUSED_UNKNOWN_TASK."""
+    if registration is None and job.task in unknown:
+        return REFUSED_UNKNOWN_TASK
+    for name in job_modules:
+        if name not in sys.modules:
+            _import_quietly(name)
+    if registration is not None and not _register(*registration):
+        unknown.add(registration[0])
+        return REFUSED_UNKNOWN_TASK
+    if registration is None and job_modules and job.encoding != dill:
+        _resolve_quietly(job.task, ctx)  # once here (cached), not in every child
+    preload(job.encoding)
+    sys.stdout.flush()  # what an import printed must not be written again by every child
+    sys.stderr.flush()
+    pid = raw_fork() if raw_fork is not None and _single_threaded() else os.fork()
+    if pid == 0:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in own_fds:  # the server's socket and wake-up pipe are not the job's
+            os.close(fd)
+        # no watchdog thread in the child: this process keeps its lease
+        run_child(job, ctx, fds[0], me, -1, None, None, memory_limit)
+    try:
+        os.setpgid(pid, pid)  # before the worker can killpg it
+    except OSError:
+        pass
+    return pid
+
+
+def _configure_logging(level: int, fmt: str | None, datefmt: str | None, style: str) -> None:
+    """Log like the worker command: its level and format, unless an imported module of the
+    application configured logging itself."""
+    root = logging.getLogger()
+    try:
+        if fmt is not None and not root.handlers:
+            logging.basicConfig(level=level, format=fmt, datefmt=datefmt, style=style)  # type: ignore[arg-type]
+        else:
+            root.setLevel(level)
+    except Exception as exc:  # noqa: BLE001 - a format of the worker's that cannot be rebuilt
+        sys.stderr.write(f"sqla_pq fork server: logging as the worker does failed: {exc!r}\n")
+        root.setLevel(level)
 
 
 def _raw_fork() -> Callable[[], int] | None:
@@ -397,8 +461,8 @@ def _raw_fork() -> Callable[[], int] | None:
     itself (``run_child``).  Any callback registered from here on (a module of the
     application that needs its own after-fork step) makes the server use ``os.fork()``.
     """
-    if not sys.platform.startswith("linux"):
-        return None
+    if not sys.platform.startswith("linux") or sys.version_info >= (3, 13):
+        return None  # checked against CPython 3.11 and 3.12's os.fork()
     import ctypes
 
     try:
