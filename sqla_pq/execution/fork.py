@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ..logs import flush_logs
 from ..serialization import preload
-from ..tasks import registered
+from ..tasks import RegisteredTask, registered
 from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute
 from .forkserver import ForkServer, ForkServerGone, ForkServerRefused, transferable
 
@@ -137,9 +137,9 @@ class ForkExecutor:
         the job's critical path (an exit costs milliseconds of kernel time)."""
         _load_libc()
         self._server_ctx = transferable(ctx) if fork_server else None
+        """The context the fork server runs jobs with; None: the worker forks every job."""
         self._server_imports = list(fork_server_imports)
         """Modules the server imports at its start, as the worker did (``-I``, ``--app``)."""
-        """The context the fork server runs jobs with; None: the worker forks every job."""
         self._server: ForkServer | None = None
         self._server_starts = 0
         self._worker_forks: set[str] = set()
@@ -164,12 +164,11 @@ class ForkExecutor:
             self._server = None
         return self._server
 
-    def _server_for(self, job: ClaimedJob) -> ForkServer | None:
+    def _server_for(self, job: ClaimedJob, entry: RegisteredTask | None) -> ForkServer | None:
         """The fork server when it can run ``job`` as the worker would; None otherwise."""
         if (self._server_ctx is None or not job.task or job.task.startswith("__main__")
                 or job.task in self._worker_forks):
             return None
-        entry = registered(job.task)
         if entry is not None and (entry.options.atomic or entry.func.__module__ == "__main__"):
             return None  # the atomic runner needs the worker's PQ; __main__ is the worker's
         server = self._server
@@ -227,13 +226,13 @@ class ForkExecutor:
         lease_ok_at = job.extra.get("lease_ok_at", time.monotonic())
         lease_left = (self.lease_guard - (time.monotonic() - lease_ok_at)
                       if self.lease_guard else None)
-        server = self._server_for(job)
+        entry = registered(job.task) if job.task else None
+        server = self._server_for(job, entry)
         pid = -1
         lease_r = lease_w = -1  # a child the server forks has its lease kept by the server
         if server is not None:
             try:
-                pid = server.start(job, write_fd, lease_left, _modules_of(job.task),
-                                   registered(job.task or ""))
+                pid = server.start(job, write_fd, lease_left, _modules_of(job.task), entry)
             except ForkServerRefused as exc:
                 if exc.transient:
                     log.warning("%s; the worker forks it", exc)
@@ -431,14 +430,8 @@ class ForkExecutor:
         return upcoming
 
     def _kill(self, child: _Child) -> None:
-        """SIGKILL the child's process group: the job's own subprocesses die with it."""
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_group(child.pid)
+
 
     def interrupt_all(self) -> list[ClaimedJob]:
         """Second signal: kill every child; their jobs are given back.  Held jobs never start
@@ -552,6 +545,23 @@ def _modules_of(task: str | None) -> list[str]:
     return [m for m in (".".join(parts[:i]) for i in range(1, len(parts))) if m in sys.modules]
 
 
+def kill_group(pid: int) -> None:
+    """SIGKILL a job's process group (the job's own subprocesses die with it), or the process
+    alone if the group is not there yet."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def lease_lost_message(job_id: int) -> str:
+    return (f"sqla_pq: job {job_id}: the worker stopped renewing its lease; stopping the job so "
+            "that it cannot run twice\n")
+
+
 LEASE_LOST_MARK = b"\x00sqla_pq:lease-lost\x00"
 """What a child's lease watchdog writes to the outcome pipe before it kills the child: the
 parent then gives the job back (an interruption) instead of failing it as a crash."""
@@ -568,8 +578,7 @@ def _start_lease_watchdog(fd: int, first: float, guard: float, job_id: int, out_
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                sys.stderr.write(f"sqla_pq: job {job_id}: the worker stopped renewing its lease; "
-                                 "stopping the job so that it cannot run twice\n")
+                sys.stderr.write(lease_lost_message(job_id))
                 sys.stderr.flush()
                 try:
                     os.write(out_fd, LEASE_LOST_MARK)

@@ -2,13 +2,13 @@
 
 Why: a fork, and the copy-on-write faults and teardown that follow it, cost in proportion to
 the forking process's memory.  The worker holds SQLAlchemy, psycopg2, its pools and threads
-(~45 MB); the server is a fresh interpreter holding only what running a job needs (the task
-modules the worker imported, ~12 MB), so each job's process is several times cheaper.
+(~45 MB); the server is a fresh interpreter holding only what running a job needs (what the
+worker command imported, the tasks' modules; ~22 MB), so each job's process is several times
+cheaper.
 
-The worker still owns each job: it creates the job's outcome and lease pipes, hands them to
-the server with the claimed job (``SCM_RIGHTS`` over a Unix socket), and gets the child's pid
-back; from then on it reads the outcome, renews the lease and kills the child exactly as it
-does for a child it forked itself.  The server reaps the children and reports their exit
+The worker still owns each job: it creates the job's outcome pipe, hands it to the server with
+the claimed job (``SCM_RIGHTS`` over a Unix socket), and gets the child's pid back; from then on
+it reads the outcome and kills the child exactly as it does for a child it forked itself.  The server reaps the children and reports their exit
 statuses.  The server dies with the worker (``PR_SET_PDEATHSIG``, and at the socket's end),
 and its children die with it.
 
@@ -185,6 +185,8 @@ class ForkServer:
         self.fenced: set[int] = set()
         """Children the server killed because their lease ran out."""
         self.alive = True
+        self._poller = select.poll()  # not select(): the worker's descriptors may pass 1024
+        self._poller.register(ours, select.POLLIN)
         self.ready = False
         """The server has imported what it was told to and runs jobs: before that, a server
         that dies had forked nothing."""
@@ -243,8 +245,7 @@ class ForkServer:
         """Read what the server has said, waiting at most ``timeout`` for the first bytes."""
         if not self.alive:
             return
-        poller = select.poll()  # not select(): the worker's descriptors may pass 1024
-        poller.register(self.sock, select.POLLIN)
+        poller = self._poller
         ready = poller.poll(max(timeout, 0.0) * 1000)
         while ready:
             try:
@@ -503,22 +504,17 @@ def _fence_expired(sock: socket.socket, leases: dict[int, tuple[float, int]]) ->
     """Kill the children whose lease the worker stopped renewing (frozen, or cut off from the
     database): the rescuer may give their jobs to another worker, which must not run them
     alongside."""
+    from .fork import kill_group, lease_lost_message
+
     now = time.monotonic()
     for pid, (deadline, job_id) in list(leases.items()):
         if deadline > now:
             continue
         del leases[pid]
-        sys.stderr.write(f"sqla_pq: job {job_id}: the worker stopped renewing its lease; "
-                         "stopping the job so that it cannot run twice\n")
+        sys.stderr.write(lease_lost_message(job_id))
         sys.stderr.flush()
         _send(sock, ("fenced", pid, job_id))  # before the kill: the worker reads it first
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_group(pid)
 
 
 def _report_exits(sock: socket.socket, leases: dict[int, tuple[float, int]]) -> None:
