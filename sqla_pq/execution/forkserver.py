@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from ..serialization import DILL, preload
 from ..tasks import RegisteredTask
 from .call import ClaimedJob, ExecutionContext
 
@@ -325,9 +326,8 @@ class ForkServer:
 
 
 def main(fd: int) -> None:
-    """The server process: fork a child per job the worker sends, report their exits."""
-    from ..serialization import DILL, preload
-    from .fork import _load_libc, die_with_parent, run_child
+    """The server process: set up as the worker says, then fork a child per job it sends."""
+    from .fork import _load_libc, die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and stop signals are the worker's
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -350,91 +350,135 @@ def main(fd: int) -> None:
     for name in imports:  # what the worker imported at start (-I, --app): their side effects
         _import_quietly(name)
     unknown = {r[0] for r in registrations if not _register(*r)}
-    """Tasks the worker has registered and this process could not: the worker forks them."""
     _configure_logging(*log_config)
     ctx: ExecutionContext = pickle.loads(ctx_data)  # a failure ends this process: the worker
     _send(sock, ("ready", 0, 0))                     # then forks its jobs itself
+    _Server(sock, ctx, raw_fork, unknown, lease_guard, memory_limit).serve()
 
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    me = os.getpid()
-    leases: dict[int, tuple[float, int]] = {}  # pid -> (lease deadline, job id)
-    while True:
-        timeout = None
-        if leases:
-            timeout = max(0.0, min(d for d, _ in leases.values()) - time.monotonic())
-        ready, _, _ = select.select([sock, wake_r], [], [], timeout)
-        if wake_r in ready:
-            try:
-                while os.read(wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
-            _report_exits(sock, leases)
-        if sock in ready:
-            received = _recv_with_fds(sock)
-            if received is None:  # the worker has closed its end: it is stopping
-                os._exit(0)
-            message, fds = received
-            if message[0] == "renew":
-                until = time.monotonic() + (lease_guard or 0.0)
-                for pid in message[1]:
-                    if pid in leases:
-                        leases[pid] = (until, leases[pid][1])
-            else:
-                _kind, job, lease_left, job_modules, registration = message
+
+class _Server:
+    """The server process once set up: its socket to the worker, what a child needs, and the
+    leases of the children it keeps."""
+
+    def __init__(self, sock: socket.socket, ctx: ExecutionContext,
+                 raw_fork: Callable[[], int] | None, unknown: set[str],
+                 lease_guard: float | None, memory_limit: int | None) -> None:
+        self.sock = sock
+        self.ctx = ctx
+        self.raw_fork = raw_fork
+        self.unknown = unknown
+        """Tasks the worker has registered and this process could not: the worker forks them."""
+        self.lease_guard = lease_guard
+        self.memory_limit = memory_limit
+        self.leases: dict[int, tuple[float, int]] = {}  # pid -> (lease deadline, job id)
+        self.me = os.getpid()
+        self.wake_r, self.wake_w = os.pipe()  # SIGCHLD wakes the select()
+
+    def serve(self) -> None:
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        while True:
+            timeout = None
+            if self.leases:
+                timeout = max(0.0, min(d for d, _ in self.leases.values()) - time.monotonic())
+            ready, _, _ = select.select([self.sock, self.wake_r], [], [], timeout)
+            if self.wake_r in ready:
                 try:
-                    pid = _fork_job(job, fds, job_modules, registration, ctx, raw_fork, me,
-                                    memory_limit, preload, DILL, run_child,
-                                    (sock.fileno(), wake_r, wake_w), unknown)
-                except Exception as exc:  # noqa: BLE001 - the worker forks this job instead
-                    sys.stderr.write(f"sqla_pq fork server: job {job.id}: {exc!r}\n")
-                    pid = REFUSED_ERROR
-                finally:
-                    for f in fds:
-                        os.close(f)
-                if pid >= 0 and lease_left is not None and lease_guard:
-                    leases[pid] = (time.monotonic() + lease_left, job.id)
-                _send(sock, ("started", job.id, pid))
-        if leases:  # after reading: renewals that were waiting count
-            _fence_expired(sock, leases)
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.report_exits()
+            if self.sock in ready:
+                received = _recv_with_fds(self.sock)
+                if received is None:  # the worker has closed its end: it is stopping
+                    os._exit(0)
+                self.handle(*received)
+            if self.leases:  # after reading: renewals that were waiting count
+                self.fence_expired()
 
+    def handle(self, message: tuple[Any, ...], fds: list[int]) -> None:
+        if message[0] == "renew":
+            until = time.monotonic() + (self.lease_guard or 0.0)
+            for pid in message[1]:
+                if pid in self.leases:
+                    self.leases[pid] = (until, self.leases[pid][1])
+            return
+        _kind, job, lease_left, job_modules, registration = message
+        try:
+            pid = self.fork(job, fds[0], job_modules, registration)
+        except Exception as exc:  # noqa: BLE001 - the worker forks this job instead
+            sys.stderr.write(f"sqla_pq fork server: job {job.id}: {exc!r}\n")
+            pid = REFUSED_ERROR
+        finally:
+            for f in fds:
+                os.close(f)
+        if pid >= 0 and lease_left is not None and self.lease_guard:
+            self.leases[pid] = (time.monotonic() + lease_left, job.id)
+        _send(self.sock, ("started", job.id, pid))
 
-def _fork_job(job: ClaimedJob, fds: list[int], job_modules: list[str],
-              registration: tuple[str, str | None, bytes | None] | None, ctx: ExecutionContext,
-              raw_fork: Callable[[], int] | None, me: int, memory_limit: int | None,
-              preload: Callable[[str], None], dill: str, run_child: Callable[..., Any],
-              own_fds: tuple[int, ...], unknown: set[str]) -> int:
-    """Fork ``job``'s process; its pid, or REFUSED_UNKNOWN_TASK."""
-    if registration is None and job.task in unknown:
-        return REFUSED_UNKNOWN_TASK
-    for name in job_modules:
-        if name not in sys.modules:
-            _import_quietly(name)
-    if registration is not None and not _register(*registration):
-        unknown.add(registration[0])
-        return REFUSED_UNKNOWN_TASK
-    if registration is None and job_modules and job.encoding != dill:
-        _resolve_quietly(job.task, ctx)  # once here (cached), not in every child
-    preload(job.encoding)
-    sys.stdout.flush()  # what an import printed must not be written again by every child
-    sys.stderr.flush()
-    pid = raw_fork() if raw_fork is not None and _single_threaded() else os.fork()
-    if pid == 0:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in own_fds:  # the server's socket and wake-up pipe are not the job's
-            os.close(fd)
-        # no watchdog thread in the child: this process keeps its lease
-        run_child(job, ctx, fds[0], me, -1, None, None, memory_limit)
-    try:
-        os.setpgid(pid, pid)  # before the worker can killpg it
-    except OSError:
-        pass
-    return pid
+    def fork(self, job: ClaimedJob, out_fd: int, job_modules: list[str],
+             registration: tuple[str, str | None, bytes | None] | None) -> int:
+        """Fork ``job``'s process (its outcome goes to ``out_fd``); its pid, or
+        REFUSED_UNKNOWN_TASK."""
+        from .fork import run_child  # fork.py imports this module
+
+        if registration is None and job.task in self.unknown:
+            return REFUSED_UNKNOWN_TASK
+        for name in job_modules:
+            if name not in sys.modules:
+                _import_quietly(name)
+        if registration is not None and not _register(*registration):
+            self.unknown.add(registration[0])
+            return REFUSED_UNKNOWN_TASK
+        if registration is None and job_modules and job.encoding != DILL:
+            _resolve_quietly(job.task, self.ctx)  # once here (cached), not in every child
+        preload(job.encoding)
+        sys.stdout.flush()  # what an import printed must not be written again by every child
+        sys.stderr.flush()
+        raw = self.raw_fork
+        pid = raw() if raw is not None and _single_threaded() else os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (self.sock.fileno(), self.wake_r, self.wake_w):  # not the job's
+                os.close(fd)
+            # no watchdog thread in the child: this process keeps its lease
+            run_child(job, self.ctx, out_fd, self.me, -1, None, None, self.memory_limit)
+        try:
+            os.setpgid(pid, pid)  # before the worker can killpg it
+        except OSError:
+            pass
+        return pid
+
+    def fence_expired(self) -> None:
+        """Kill the children whose lease the worker stopped renewing (frozen, or cut off from
+        the database): the rescuer may give their jobs to another worker, which must not run
+        them alongside."""
+        from .fork import kill_group, lease_lost_message
+
+        now = time.monotonic()
+        for pid, (deadline, job_id) in list(self.leases.items()):
+            if deadline > now:
+                continue
+            del self.leases[pid]
+            sys.stderr.write(lease_lost_message(job_id))
+            sys.stderr.flush()
+            _send(self.sock, ("fenced", pid, job_id))  # before the kill: the worker reads it first
+            kill_group(pid)
+
+    def report_exits(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.leases.pop(pid, None)
+            _send(self.sock, ("exited", pid, status))
 
 
 def _configure_logging(level: int, fmt: str | None, datefmt: str | None, style: str) -> None:
@@ -498,35 +542,6 @@ def _single_threaded() -> bool:
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:
         return False
-
-
-def _fence_expired(sock: socket.socket, leases: dict[int, tuple[float, int]]) -> None:
-    """Kill the children whose lease the worker stopped renewing (frozen, or cut off from the
-    database): the rescuer may give their jobs to another worker, which must not run them
-    alongside."""
-    from .fork import kill_group, lease_lost_message
-
-    now = time.monotonic()
-    for pid, (deadline, job_id) in list(leases.items()):
-        if deadline > now:
-            continue
-        del leases[pid]
-        sys.stderr.write(lease_lost_message(job_id))
-        sys.stderr.flush()
-        _send(sock, ("fenced", pid, job_id))  # before the kill: the worker reads it first
-        kill_group(pid)
-
-
-def _report_exits(sock: socket.socket, leases: dict[int, tuple[float, int]]) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        leases.pop(pid, None)
-        _send(sock, ("exited", pid, status))
 
 
 def _register(name: str, module: str | None, data: bytes | None) -> bool:
