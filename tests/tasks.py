@@ -208,10 +208,13 @@ def on_create(job: Any) -> None:
 
 
 def process_facts() -> dict[str, Any]:
-    """Where the job ran: its pid, its parent's, and whether SQLAlchemy is loaded there."""
+    """Where the job ran: its pid, its parent's, whether SQLAlchemy is loaded there, and the
+    state of its garbage collector (on? how many objects frozen out of its reach?)."""
+    import gc
     import sys
 
-    return {"pid": os.getpid(), "ppid": os.getppid(), "sqlalchemy": "sqlalchemy" in sys.modules}
+    return {"pid": os.getpid(), "ppid": os.getppid(), "sqlalchemy": "sqlalchemy" in sys.modules,
+            "gc_enabled": gc.isenabled(), "gc_frozen": gc.get_freeze_count()}
 
 
 def parent_pid_then_sleep(path: str, seconds: float) -> None:

@@ -29,6 +29,7 @@ def test_a_fork_job_runs_in_a_process_without_sqlalchemy_forked_by_the_fork_serv
     facts, worker_pid = _facts_of(pq, worker_env=worker_env)
     assert facts["ppid"] != worker_pid, "the worker forked the job itself"
     assert facts["sqlalchemy"] is False, "the job's process carries the worker's SQLAlchemy"
+    assert facts["gc_frozen"] > 0, "the fork server did not freeze what its start-up built"
 
 
 def test_without_the_fork_server_the_worker_forks_each_job_itself(pq, worker_env):

@@ -25,6 +25,7 @@ job when the hooks cannot be pickled (a lambda, a closure, Sentry, a Flask or Py
 from __future__ import annotations
 
 import array
+import gc
 import logging
 import os
 import pickle
@@ -329,6 +330,7 @@ def main(fd: int) -> None:
     """The server process: set up as the worker says, then fork a child per job it sends."""
     from .fork import _load_libc, die_with_parent
 
+    gc.disable()  # until set up: see the end of this function
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and stop signals are the worker's
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _load_libc()
@@ -353,6 +355,10 @@ def main(fd: int) -> None:
     _configure_logging(*log_config)
     ctx: ExecutionContext = pickle.loads(ctx_data)  # a failure ends this process: the worker
     _send(sock, ("ready", 0, 0))                     # then forks its jobs itself
+    # What the set-up built lives as long as this process: out of the collector's reach, so
+    # that a collection here neither rescans it nor writes to the pages its children share.
+    gc.freeze()
+    gc.enable()
     _Server(sock, ctx, raw_fork, unknown, lease_guard, memory_limit).serve()
 
 
