@@ -9,8 +9,6 @@ runs, never by ``status`` or the dashboard.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -302,6 +300,8 @@ def verify(
             f"job {job_id}: its dill payload is unsigned and secret keys are configured; it was "
             "not loaded"
         )
+    import hmac
+
     for key in keys:
         if hmac.compare_digest(_mac(key, job_id, task, payload), bytes(signature)):
             return
@@ -311,6 +311,11 @@ def verify(
 
 
 def _mac(key: bytes, job_id: int, task: str | None, payload: bytes) -> bytes:
+    # hashlib and hmac only when secret keys are set: hashlib maps OpenSSL's libcrypto, and
+    # every mapping of a fork server makes each job process's fork and exit dearer
+    import hashlib
+    import hmac
+
     h = hmac.new(key, digestmod=hashlib.sha256)
     h.update(str(job_id).encode())
     h.update(b"\0")

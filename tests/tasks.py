@@ -208,13 +208,16 @@ def on_create(job: Any) -> None:
 
 
 def process_facts() -> dict[str, Any]:
-    """Where the job ran: its pid, its parent's, whether SQLAlchemy is loaded there, and the
-    state of its garbage collector (on? how many objects frozen out of its reach?)."""
+    """Where the job ran: its pid, its parent's, whether SQLAlchemy is loaded there, the state
+    of its garbage collector (on? how many objects frozen out of its reach?), and which of two
+    modules sqla_pq needs only in rare cases are loaded (this module's own imports, asyncio's
+    subprocess among them, are the application's business)."""
     import gc
     import sys
 
     return {"pid": os.getpid(), "ppid": os.getppid(), "sqlalchemy": "sqlalchemy" in sys.modules,
-            "gc_enabled": gc.isenabled(), "gc_frozen": gc.get_freeze_count()}
+            "gc_enabled": gc.isenabled(), "gc_frozen": gc.get_freeze_count(),
+            "loaded": sorted(m for m in ("hashlib", "ctypes.util") if m in sys.modules)}
 
 
 def parent_pid_then_sleep(path: str, seconds: float) -> None:

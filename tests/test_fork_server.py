@@ -30,6 +30,10 @@ def test_a_fork_job_runs_in_a_process_without_sqlalchemy_forked_by_the_fork_serv
     assert facts["ppid"] != worker_pid, "the worker forked the job itself"
     assert facts["sqlalchemy"] is False, "the job's process carries the worker's SQLAlchemy"
     assert facts["gc_frozen"] > 0, "the fork server did not freeze what its start-up built"
+    # each shared library a fork server maps makes every job process's fork and exit dearer:
+    # hashlib maps OpenSSL (only payload signing needs it), ctypes.util brings shutil,
+    # tempfile and subprocess with their compression libraries (only an unusual libc needs it)
+    assert facts["loaded"] == [], "the fork server loaded modules its jobs do not need"
 
 
 def test_without_the_fork_server_the_worker_forks_each_job_itself(pq, worker_env):

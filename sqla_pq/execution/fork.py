@@ -59,11 +59,12 @@ def _load_libc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
         import ctypes
-        import ctypes.util
 
         try:
             _libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except OSError:  # pragma: no cover - an unusual libc name
+            import ctypes.util  # shutil, tempfile, subprocess: not in a fork server otherwise
+
             name = ctypes.util.find_library("c")
             _libc = ctypes.CDLL(name, use_errno=True) if name else None
         if _libc is not None:
