@@ -178,13 +178,14 @@ class Worker:
             handlers.insert(0, sentry)
         self.hooks = Hooks(pre_execute=pre_execute, post_execute=post_execute, exc_handlers=handlers)
         self.call_wrapper = call_wrapper
+        """Runs around each task call where the job runs (see ``ExecutionContext.call_wrapper``)."""
         self.fork_server = fork_server
         """Fork mode: jobs' processes are forked by a small fork server rather than by this
         (SQLAlchemy-sized) process, which makes each fork several times cheaper.  The job
         processes then have what the server imported (``fork_server_imports``, the tasks'
         modules), not all this process has: on by default in ``sqla-pq worker``, opt-in here."""
         self.fork_server_imports = tuple(fork_server_imports)
-        """Runs around each task call where the job runs (see ``ExecutionContext.call_wrapper``)."""
+        """Modules the fork server imports at its start, as this process did (``-I``, ``--app``)."""
 
         self.processed = 0
         self.claimed_total = 0

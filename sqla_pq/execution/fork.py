@@ -371,7 +371,7 @@ class ForkExecutor:
             found = child.server.status(child.pid, block)
             if found is None and block and child.server.alive:
                 # its pipe is closed but it has not exited: it must not outlive its record
-                self._kill(child)
+                kill_group(child.pid)
                 found = child.server.status(child.pid, block)
                 if found is None and child.server.alive:
                     found = int(signal.SIGKILL)  # killed above; its report is overdue
@@ -422,17 +422,13 @@ class ForkExecutor:
                 log.warning("job %s ran past its timeout of %gs; killing its process %s",
                             child.job.id, child.timeout, child.pid)
                 child.killed_for = "timeout"
-                self._kill(child)
+                kill_group(child.pid)
             elif child.deadline is not None and child.killed_for is None:
                 upcoming = child.deadline if upcoming is None else min(upcoming, child.deadline)
             if not child.eof:
                 # a child whose pipe stays open (a grandchild holds it) but which has exited
                 self._reap(child, block=False)
         return upcoming
-
-    def _kill(self, child: _Child) -> None:
-        kill_group(child.pid)
-
 
     def interrupt_all(self) -> list[ClaimedJob]:
         """Second signal: kill every child; their jobs are given back.  Held jobs never start
@@ -442,7 +438,7 @@ class ForkExecutor:
         for child in list(self.children.values()):
             if child.killed_for is None:
                 child.killed_for = "abort"
-                self._kill(child)
+                kill_group(child.pid)
                 jobs.append(child.job)
         return jobs
 
@@ -453,7 +449,7 @@ class ForkExecutor:
         for child in list(self.children.values()):
             if child.killed_for is None and child.job.id in job_ids:
                 child.killed_for = "fenced"
-                self._kill(child)
+                kill_group(child.pid)
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -467,7 +463,7 @@ class ForkExecutor:
 
     def shutdown(self) -> None:
         for child in list(self.children.values()):
-            self._kill(child)
+            kill_group(child.pid)
             self._reap(child, block=True)
         for pid in list(self._exiting):
             try:

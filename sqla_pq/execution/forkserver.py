@@ -8,8 +8,8 @@ cheaper.
 
 The worker still owns each job: it creates the job's outcome pipe, hands it to the server with
 the claimed job (``SCM_RIGHTS`` over a Unix socket), and gets the child's pid back; from then on
-it reads the outcome and kills the child exactly as it does for a child it forked itself.  The server reaps the children and reports their exit
-statuses.  The server dies with the worker (``PR_SET_PDEATHSIG``, and at the socket's end),
+it reads the outcome and kills the child exactly as it does for a child it forked itself.  The
+server reaps the children and reports their exit statuses.  The server dies with the worker (``PR_SET_PDEATHSIG``, and at the socket's end),
 and its children die with it.
 
 The server also keeps its children's leases: the worker tells it after each good heartbeat,
