@@ -18,6 +18,8 @@ from sqla_pq.models import metadata
 from tests.conftest import ROOT
 from tests.helpers import scalar
 
+HEAD = "sqla_pq_0002"
+
 
 def _diff(engine, schema=None):
     with engine.connect() as conn:
@@ -38,7 +40,7 @@ def test_the_migrated_schema_equals_the_models(engine):
 def test_migrating_down_and_up_again(empty_db_url):
     engine = sa.create_engine(empty_db_url)
     migrations.upgrade(engine)
-    assert migrations.current(engine) == "sqla_pq_0001"
+    assert migrations.current(engine) == HEAD
     migrations.downgrade(engine, "base")
     assert migrations.current(engine) is None
     assert scalar(engine, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pq\\_%%' AND tablename <> 'pq_alembic_version'") == 0
@@ -48,6 +50,45 @@ def test_migrating_down_and_up_again(empty_db_url):
     assert scalar(engine, "SELECT count(*) FROM pg_trigger WHERE tgname = 'pq_job_notify_v1'") == 1
     options = scalar(engine, "SELECT reloptions::text FROM pg_class WHERE relname = 'pq_job'")
     assert "autovacuum_vacuum_scale_factor=0.01" in options
+    engine.dispose()
+
+
+def _job_checks(engine, schema="public"):
+    with engine.connect() as c:
+        return dict(c.exec_driver_sql(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'c' "
+            f"AND conrelid = '\"{schema}\".pq_job'::regclass").all())
+
+
+def test_revision_0002_gives_the_job_table_the_models_cheaper_checks_and_0001s_back(empty_db_url):
+    """Upgraded, the CHECKs are the models' own (as create_all writes them); downgraded to
+    0001 they are 0001's again; and the cheaper rules refuse what the old ones refused."""
+    engine = sa.create_engine(empty_db_url)
+    migrations.upgrade(engine, "sqla_pq_0001")
+    old = _job_checks(engine)
+    assert "ck_pq_job_priority" in old and "ARRAY[" in old["ck_pq_job_status"]
+    migrations.upgrade(engine)
+    new = _job_checks(engine)
+    with engine.begin() as c:
+        c.exec_driver_sql('CREATE SCHEMA "from_models"')
+        metadata.create_all(c.execution_options(schema_translate_map={None: "from_models"}))
+    assert new == _job_checks(engine, "from_models")
+    assert set(new) == {"ck_pq_job_status", "ck_pq_job_queue_name", "ck_pq_job_on_parent_failure"}
+    assert all("ARRAY[" not in sql for sql in new.values())
+    insert = ("INSERT INTO pq_job (queue, task, status, on_parent_failure, priority) "
+              "VALUES (%s, 't', %s, %s, %s)")
+    refused = [("", "queued", "cancel", 0, "ck_pq_job_queue_name"),
+               ("q", "bogus", "cancel", 0, "ck_pq_job_status"),
+               ("q", "queued", "ignore", 0, "ck_pq_job_on_parent_failure"),
+               ("q", "queued", "cancel", 40000, "out of range"),
+               ("q" * 65, "queued", "cancel", 0, "too long")]
+    for *values, message in refused:
+        with pytest.raises(sa.exc.DBAPIError, match=message), engine.begin() as c:
+            c.exec_driver_sql(insert, tuple(values))
+    with engine.begin() as c:
+        c.exec_driver_sql(insert, ("q" * 64, "deferred", "fail", -32768))
+    migrations.downgrade(engine, "sqla_pq_0001")
+    assert _job_checks(engine) == old
     engine.dispose()
 
 
@@ -77,7 +118,7 @@ def test_concurrent_migrations_queue_up(empty_db_url):
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     engine = sa.create_engine(empty_db_url)
-    assert migrations.current(engine) == "sqla_pq_0001"
+    assert migrations.current(engine) == HEAD
     engine.dispose()
 
 
@@ -154,13 +195,13 @@ def test_merged_into_a_users_alembic_environment(empty_db_url, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "alembic", *a], cwd=tmp_path,  # noqa: E731
                                     env=env, capture_output=True, text=True)
     result = run("heads")
-    assert "sqla_pq_0001 (sqla_pq)" in result.stdout and "app_0001 (myapp)" in result.stdout
+    assert f"{HEAD} (sqla_pq)" in result.stdout and "app_0001 (myapp)" in result.stdout
     assert run("upgrade", "heads").returncode == 0
     engine = sa.create_engine(empty_db_url)
     assert scalar(engine, "SELECT count(*) FROM pg_tables WHERE tablename IN ('users', 'pq_job')") == 2
     with engine.connect() as c:
         versions = {r for (r,) in c.exec_driver_sql("SELECT version_num FROM alembic_version")}
-    assert versions == {"sqla_pq_0001", "app_0001"}
+    assert versions == {HEAD, "app_0001"}
     check = run("check")
     assert check.returncode == 0, check.stdout + check.stderr  # autogenerate proposes nothing
     engine.dispose()
@@ -185,5 +226,5 @@ def test_the_wheel_carries_the_revisions_and_migrate_works_after_pip_install(emp
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     engine = sa.create_engine(empty_db_url)
-    assert migrations.current(engine) == "sqla_pq_0001"
+    assert migrations.current(engine) == HEAD
     engine.dispose()
