@@ -390,7 +390,7 @@ class PQ:
                     "try again"
                 )
         elif len(specs) == 1:
-            rows = runner.run(queries.job_insert(), params[0])
+            rows = runner.run(*queries.job_insert_for(params[0]))
             if not rows:
                 raise DuplicateClientId(
                     f"a job with client_id {specs[0].client_id!r} already exists; use "

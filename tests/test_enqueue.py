@@ -277,3 +277,35 @@ def test_rows_are_plain_sql(pq, engine):
     assert rows(engine, "SELECT task, args, status FROM pq_job WHERE queue = 'sql'") == [
         ("tests.tasks.add", [1, 2], "queued")
     ]
+
+
+
+def test_a_plain_enqueue_sends_only_its_set_columns_and_the_row_equals_the_returned_job(
+        pq, monkeypatch):
+    """NULL columns are left to their server defaults and ON CONFLICT only comes with a
+    client_id; the Job handed back (built from the call, not re-read) is the stored row."""
+    from sqla_pq import db
+    from sqla_pq.tables import job_table
+
+    sent: list[str] = []
+    real = db.run_prepared
+
+    def spy(cursor, raw, params, cache, in_transaction=False):
+        sent.append(raw.sql)
+        return real(cursor, raw, params, cache, in_transaction)
+
+    monkeypatch.setattr("sqla_pq.pq.run_prepared", spy)
+    plain = pq.enqueue(tasks.add, 1, 2)
+    delayed = pq.enqueue(tasks.add, 1, 2, run_at=dt.timedelta(seconds=30))
+    keyed = pq.enqueue(tasks.add, 1, 2, client_id="keyed")
+    assert len(sent) == 3
+    assert "ON CONFLICT" not in sent[0] and "ON CONFLICT" not in sent[1]
+    assert "ON CONFLICT" in sent[2]
+    columns = sent[0].split("VALUES")[0]
+    for absent in ("client_id", "payload", "flow_id", "meta", "run_at", "expected_at"):
+        assert absent not in columns, absent
+    assert "run_at" in sent[1].split("VALUES")[0]
+    for job in (plain, delayed, keyed):
+        stored = pq.get_job(job.id)
+        for column in job_table.columns:
+            assert getattr(stored, column.key) == getattr(job, column.key), column.key

@@ -115,7 +115,7 @@ class Scheduler(Service):
             job_id = link.run(queries.job_ids_reserve(), {"n": 1})[0][0]
             params["id"] = job_id
             params["signature"] = sign(self.pq.settings.secret_keys, job_id, row.task, bytes(row.payload))
-        return int(link.run(queries.job_insert(), params)[0][0])
+        return int(link.run(*queries.job_insert_for(params))[0][0])
 
 
 class _Row:
