@@ -22,10 +22,10 @@ from sqlalchemy.exc import ResourceClosedError
 
 from . import queries
 from .db import (
+    RawAutocommit,
     compile_raw,
     engine_from,
     is_dbapi_connection_error,
-    raw_autocommit,
     run_prepared,
     run_raw,
     translating_schema_errors,
@@ -108,6 +108,25 @@ class CursorRunner:
         return run_prepared(self.cursor, raw, params, self.prepared, self.in_transaction)
 
 
+class _OwnCursor:
+    """``with pq._cursor() as runner``: a :class:`CursorRunner` on a pooled autocommit
+    connection (a class, not a generator: see :class:`~sqla_pq.db.RawAutocommit`)."""
+
+    __slots__ = ("_pq", "_raw")
+
+    def __init__(self, pq: PQ) -> None:
+        self._pq = pq
+        self._raw = RawAutocommit(pq.engine)
+
+    def __enter__(self) -> CursorRunner:
+        cursor, info = self._raw.__enter__()
+        pq = self._pq
+        return CursorRunner(cursor, pq.engine.dialect, pq.schema, pq._cache(info))
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self._raw.__exit__(kind, exc, tb)
+
+
 class PQ:
     """A job queue on your PostgreSQL database.
 
@@ -184,11 +203,9 @@ class PQ:
                 with s.begin():
                     yield s
 
-    @contextlib.contextmanager
-    def _cursor(self) -> Iterator[CursorRunner]:
+    def _cursor(self) -> _OwnCursor:
         """One autocommit statement at a time on a pooled connection of your engine."""
-        with translating_schema_errors(), raw_autocommit(self.engine) as (cursor, info):
-            yield CursorRunner(cursor, self.engine.dialect, self.schema, self._cache(info))
+        return _OwnCursor(self)
 
     def _cache(self, info: dict[str, Any]) -> dict[str, Any] | None:
         """This connection's prepared statements (its pool's ``info`` dies with it)."""
