@@ -657,8 +657,7 @@ class Worker:
                             raise
                         self._maybe_work = True  # record alone; claim next turn
                     else:
-                        first = rows[0]
-                        completed = Completed(first[-3] or [], first[-2] or [], first[-1] or [])
+                        completed = Completed(*(_carried(rows, i) for i in (-3, -2, -1)))
                         claimed = [r[:-3] for r in rows if r[0] is not None]
                 done = record_outcomes(self.link, successes,
                                        failure_ttl=self.settings.failure_ttl, completed=completed)
@@ -910,6 +909,11 @@ class Worker:
                 except Exception as exc:  # a schema this worker does not understand
                     log.error("%s", exc)
                     self.request_stop("the database schema changed under this worker")
+
+
+def _carried(rows: Sequence[Any], index: int) -> list[int]:
+    """The array one row of a complete-and-claim result carries (NULL on the other rows)."""
+    return next((r[index] for r in rows if r[index] is not None), None) or []
 
 
 def _serial_race(exc: BaseException) -> bool:

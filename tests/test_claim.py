@@ -196,3 +196,32 @@ def test_a_claim_compiled_once_for_every_size_is_the_claim_of_that_size(engine, 
                 return {k: v for k, v in raw.types.items() if not k.startswith("%(")}
 
             assert named(sized) == named(direct)
+
+
+def test_complete_and_claim_carries_the_completed_ids_on_one_row_only(pq):
+    """The ids written as succeeded come back once, whatever the number of claimed rows
+    (repeating three arrays on each of 64 rows was most of the statement's output)."""
+    from sqla_pq.execution.call import Outcome
+    from sqla_pq.record import complete_params
+
+    for i in range(3):
+        pq.enqueue(tasks.add, i, i, queue="cc", result_ttl=0 if i == 0 else 60)
+    running = claim(pq, ["cc"], 3)
+    waiting = [pq.enqueue(tasks.add, i, i, queue="cc").id for i in range(4)]
+    successes = [Outcome(j.id, j.attempts, "succeeded", result_json="1") for j in running]
+    with pq._cursor() as runner:
+        rows = runner.run(queries.job_complete_and_claim(("cc",), None),
+                          {**complete_params(successes), "batch": 8, "worker": "w-test",
+                           "lease": 30.0})
+    assert sorted(r[0] for r in rows) == waiting
+    carriers = [r for r in rows if r[-3] is not None]
+    assert len(carriers) == 1
+    assert sorted(carriers[0][-3]) == sorted(j.id for j in running)
+    assert carriers[0][-1] == [running[0].id]  # result_ttl=0: delete at once
+    assert all(r[-2] is None and r[-1] is None for r in rows if r is not carriers[0])
+    with pq._cursor() as runner:  # nothing left to claim: one row of NULLs, still carrying
+        again = [Outcome(i, 1, "succeeded", result_json="1") for i in waiting]
+        rows = runner.run(queries.job_complete_and_claim(("cc",), None),
+                          {**complete_params(again), "batch": 8, "worker": "w-test",
+                           "lease": 30.0})
+    assert len(rows) == 1 and rows[0][0] is None and sorted(rows[0][-3]) == waiting
