@@ -491,8 +491,9 @@ def job_complete_and_claim(queues: tuple[str, ...] | None,
     Returns one row per claimed job (the columns of :func:`job_claim`), or a single row of NULLs
     when nothing was claimed, plus three arrays: the ids written as succeeded, those among
     them with dependants, and those to delete at once (``result_ttl = 0``).  Only one row
-    carries the arrays (the others have NULLs there): repeated on every row, formatting and
-    parsing them was the largest single cost of the statement (64 rows x 3 arrays of 64 ids).
+    carries the arrays (the others have NULLs there): repeated on every row (64 rows x 3
+    arrays of 64 ids), formatting them took 4 % of the claiming backend's CPU, and psycopg2
+    parsed them again for each row.
     Both CTEs read the statement's snapshot: a serial queue whose job completes here is claimed
     from next time.
     """
