@@ -12,15 +12,15 @@ NOTIFY_FUNCTION = "pq_notify_v1"
 NOTIFY_TRIGGER = "pq_job_notify_v1"
 
 
-def _qualify(name: str, schema: str | None) -> str:
+def qualify(name: str, schema: str | None) -> str:
     return f'"{schema}".{name}' if schema else name
 
 
 def create_notify_trigger(schema: str | None = None) -> list[str]:
     """One NOTIFY per queue per inserting statement (and PostgreSQL folds identical
     notifications of one transaction into one), delivered at commit; payload: the queue name."""
-    fn = _qualify(NOTIFY_FUNCTION, schema)
-    table = _qualify("pq_job", schema)
+    fn = qualify(NOTIFY_FUNCTION, schema)
+    table = qualify("pq_job", schema)
     return [
         f"""
         CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -41,14 +41,14 @@ def create_notify_trigger(schema: str | None = None) -> list[str]:
 
 def drop_notify_trigger(schema: str | None = None) -> list[str]:
     return [
-        f"DROP TRIGGER IF EXISTS {NOTIFY_TRIGGER} ON {_qualify('pq_job', schema)}",
-        f"DROP FUNCTION IF EXISTS {_qualify(NOTIFY_FUNCTION, schema)}()",
+        f"DROP TRIGGER IF EXISTS {NOTIFY_TRIGGER} ON {qualify('pq_job', schema)}",
+        f"DROP FUNCTION IF EXISTS {qualify(NOTIFY_FUNCTION, schema)}()",
     ]
 
 
 def job_table_extras(schema: str | None = None) -> list[str]:
     """Storage parameters of the job table, then its NOTIFY trigger."""
     return [
-        f"ALTER TABLE {_qualify('pq_job', schema)} SET ({JOB_STORAGE_PARAMETERS})",
+        f"ALTER TABLE {qualify('pq_job', schema)} SET ({JOB_STORAGE_PARAMETERS})",
         *create_notify_trigger(schema),
     ]

@@ -139,17 +139,13 @@ def job_insert_for(params: dict[str, Any]) -> tuple[sa.Insert, dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=64)
-def job_insert(present: frozenset[str] = frozenset(INSERT_COLUMNS)) -> sa.Insert:
+def job_insert(present: frozenset[str]) -> sa.Insert:
     """Insert one job, writing the columns in ``present`` (the others take their server
     defaults).  With a client_id, a duplicate inserts nothing and returns no row (the caller's
     transaction stays usable); without one there is nothing to conflict with, and a plain
     INSERT skips the speculative insertion ON CONFLICT costs.  A Core statement: an ORM insert
     would autoflush the caller's session."""
-    if present == frozenset(INSERT_COLUMNS):
-        values = _row_values(None)
-    else:
-        values = _present_values(present)
-    stmt = pg_insert(j).values(values)
+    stmt = pg_insert(j).values(_present_values(present))
     if "client_id" in present:
         stmt = stmt.on_conflict_do_nothing(
             index_elements=[j.c.client_id], index_where=j.c.client_id.isnot(None)
@@ -158,7 +154,8 @@ def job_insert(present: frozenset[str] = frozenset(INSERT_COLUMNS)) -> sa.Insert
 
 
 def _present_values(present: frozenset[str]) -> dict[str, Any]:
-    """:func:`_row_values` for the given columns only (``delay`` becomes ``run_at``)."""
+    """Bind parameters for the given columns (``delay`` becomes ``run_at``; given both,
+    ``run_at`` wins as in :func:`_row_values`)."""
     values: dict[str, Any] = {}
     for name in INSERT_COLUMNS:
         if name not in present or name == "delay":

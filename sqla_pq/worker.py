@@ -657,7 +657,7 @@ class Worker:
                             raise
                         self._maybe_work = True  # record alone; claim next turn
                     else:
-                        completed = Completed(*(_carried(rows, i) for i in (-3, -2, -1)))
+                        completed = _completed(rows)
                         claimed = [r[:-3] for r in rows if r[0] is not None]
                 done = record_outcomes(self.link, successes,
                                        failure_ttl=self.settings.failure_ttl, completed=completed)
@@ -911,9 +911,13 @@ class Worker:
                     self.request_stop("the database schema changed under this worker")
 
 
-def _carried(rows: Sequence[Any], index: int) -> list[int]:
-    """The array one row of a complete-and-claim result carries (NULL on the other rows)."""
-    return next((r[index] for r in rows if r[index] is not None), None) or []
+def _completed(rows: Sequence[Any]) -> Completed:
+    """The ids a complete-and-claim wrote, from the one row that carries them (the others,
+    and every row when nothing was written, hold NULLs: the other two arrays are subsets)."""
+    carrier = next((r for r in rows if r[-3] is not None), None)
+    if carrier is None:
+        return Completed([], [], [])
+    return Completed(carrier[-3], carrier[-2] or [], carrier[-1] or [])
 
 
 def _serial_race(exc: BaseException) -> bool:

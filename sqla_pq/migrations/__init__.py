@@ -75,6 +75,17 @@ def downgrade(engine: Any, revision: str = "base", schema: str | None = None) ->
         command.downgrade(config(schema=schema, connection=connection), revision)
 
 
+def revision_schema() -> str | None:
+    """Inside a revision: the schema sqla_pq is being installed into (the connection's
+    ``schema_translate_map``, or with ``--sql`` the env's ``version_table_schema``), or None."""
+    from alembic import op
+
+    if op.get_context().as_sql:
+        return op.get_context().opts.get("version_table_schema")
+    options = op.get_bind().get_execution_options()
+    return (options.get("schema_translate_map") or {}).get(None)
+
+
 def known_revisions() -> set[str]:
     """The revision ids this package ships (read from the files: a worker checking its schema
     at start should not have to import alembic)."""

@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql
 
 from alembic import op
 from sqla_pq.ddl import drop_notify_trigger, job_table_extras
+from sqla_pq.migrations import revision_schema
 
 revision: str = 'sqla_pq_0001'
 down_revision: str | Sequence[str] | None = None
@@ -22,14 +23,6 @@ depends_on: str | Sequence[str] | None = None
 
 
 JOB_ID_SEQ = sa.Sequence("pq_job_id_seq")
-
-
-def _schema() -> str | None:
-    """The schema sqla_pq is being installed into (``schema_translate_map``), or None."""
-    if op.get_context().as_sql:  # offline (--sql): the schema comes from the env's options
-        return op.get_context().opts.get("version_table_schema")
-    options = op.get_bind().get_execution_options()
-    return (options.get("schema_translate_map") or {}).get(None)
 
 
 def upgrade() -> None:
@@ -162,7 +155,7 @@ def upgrade() -> None:
     op.create_index('uq_pq_job_serial_running', 'pq_job', ['queue'], unique=True, postgresql_where=sa.text("status = 'running' AND serial"))
     # The sequence belongs to the table; autovacuum settings for a queue table; the NOTIFY
     # trigger that wakes workers when the inserting transaction commits.
-    schema = _schema()
+    schema = revision_schema()
     qualified = f'"{schema}".' if schema else ""
     op.execute(f"ALTER SEQUENCE {qualified}pq_job_id_seq OWNED BY {qualified}pq_job.id")
     for statement in job_table_extras(schema):
@@ -186,7 +179,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for statement in drop_notify_trigger(_schema()):
+    for statement in drop_notify_trigger(revision_schema()):
         op.execute(statement)
     op.drop_index('ix_pq_dependency_parent', table_name='pq_dependency')
     op.drop_table('pq_dependency')

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from alembic import op
+from sqla_pq.ddl import qualify
+from sqla_pq.migrations import revision_schema
 
 revision: str = "sqla_pq_0002"
 down_revision: str | Sequence[str] | None = "sqla_pq_0001"
@@ -39,18 +41,9 @@ OLD = {
 }
 
 
-def _schema() -> str | None:
-    """The schema sqla_pq is being installed into (``schema_translate_map``), or None."""
-    if op.get_context().as_sql:
-        return op.get_context().opts.get("version_table_schema")
-    options = op.get_bind().get_execution_options()
-    return (options.get("schema_translate_map") or {}).get(None)
-
-
 def _replace(drop: dict[str, str], create: dict[str, str]) -> None:
     """One ALTER TABLE: the rows are checked once against the new rules, under one lock."""
-    schema = _schema()
-    table = f'"{schema}".pq_job' if schema else "pq_job"
+    table = qualify("pq_job", revision_schema())
     actions = [f"DROP CONSTRAINT {name}" for name in drop]
     actions += [f"ADD CONSTRAINT {name} CHECK ({sql})" for name, sql in create.items()]
     op.execute(f"ALTER TABLE {table} " + ", ".join(actions))
