@@ -337,24 +337,39 @@ def _batch_limit(batch: int | None) -> Any:
     return literal_column(str(int(batch)))
 
 
+def _open_queues(queue: str | None) -> list[Any]:
+    """Leave out paused queues, and serial queues while one of their jobs runs (all of their
+    jobs: the serial job runs alone).  Each test reads no job row: for one queue it is a
+    one-time filter, so a blocked queue's backlog is not even scanned; for all queues, a
+    list of names read once per statement (the serial one from ``uq_pq_job_serial_running``)."""
+    r = j.alias("r")
+    serial_running = select(r.c.queue).where(r.c.status == RUNNING, r.c.serial)
+    if queue is not None:
+        paused = select(queue_table.c.name).where(queue_table.c.name == queue, queue_table.c.paused)
+        return [~exists(paused), ~exists(serial_running.where(r.c.queue == queue))]
+    # One list, not two tests: each "<> ALL" of unknown length halves the planner's estimate
+    # of the ready rows, and with two it sorted the whole table instead of reading the index.
+    closed = union_all(select(queue_table.c.name).where(queue_table.c.paused), serial_running)
+    return [j.c.queue != sa.all_(func.array(closed.scalar_subquery()))]
+
+
+def _of_priorities(priorities: tuple[int, ...] | None) -> list[Any]:
+    if not priorities:
+        return []
+    return [j.c.priority.in_([literal_column(str(int(p))) for p in priorities])]
+
+
 def _claim_branch(queue: str | None, rank: int, priorities: tuple[int, ...] | None,
                   limit: Any) -> sa.Select:
-    conditions = [j.c.status == QUEUED, j.c.run_at <= func.now()]
+    conditions = [j.c.status == QUEUED, j.c.run_at <= func.now(), *_open_queues(queue),
+                  *_of_priorities(priorities)]
     if queue is not None:
         conditions.append(j.c.queue == queue)
-        paused = select(queue_table.c.name).where(
-            queue_table.c.name == queue, queue_table.c.paused
-        )
-        conditions.append(~exists(paused))
     else:
-        paused_names = select(queue_table.c.name).where(queue_table.c.paused).scalar_subquery()
-        conditions.append(j.c.queue != sa.all_(func.array(paused_names)))
         # The marker of the all-queues index (see models.py): only this branch states it, so a
         # per-queue claim is never planned on that index, even by a generic plan blind to
         # which queue $1 is (it would walk other queues' backlogs).
         conditions.append(j.c.priority.isnot(None))
-    if priorities:
-        conditions.append(j.c.priority.in_([literal_column(str(int(p))) for p in priorities]))
     return (
         select(
             j.c.id, j.c.queue, j.c.serial, j.c.priority, j.c.expected_at, j.c.run_at,
@@ -377,8 +392,9 @@ def job_claim(queues: tuple[str, ...] | None, priorities: tuple[int, ...] | None
     then expected_at, then run_at, then insertion order.  The candidates are locked with
     ``FOR UPDATE SKIP LOCKED`` inside a MATERIALIZED CTE: without that fence the planner may
     re-run the locking subquery in a nested loop and lock more rows than the batch (Oban's
-    note in its basic engine).  A serial queue gives at most one job, and none while one of its
-    jobs runs; the unique index ``uq_pq_job_serial_running`` turns a race into an error the
+    note in its basic engine).  A serial queue gives at most one job, and no job at all while
+    one of its serial jobs runs (so its backlog cannot fill the batch and starve the other
+    queues); the unique index ``uq_pq_job_serial_running`` turns a race into an error the
     worker retries.  Paused queues give nothing.
     """
     # FOR UPDATE is not allowed in a UNION member, but is in a subquery each member reads.
@@ -390,17 +406,14 @@ def job_claim(queues: tuple[str, ...] | None, priorities: tuple[int, ...] | None
     union = union_all(*branches).subquery("u") if len(branches) > 1 else branches[0].subquery("u")
     candidates = select(union).limit(limit).cte("candidates").prefix_with("MATERIALIZED")
     c = candidates.c
-    running_serial = exists(
-        select(literal_column("1")).select_from(j.alias("r")).where(
-            literal_column("r.queue") == c.queue,
-            literal_column("r.status") == RUNNING,
-            literal_column("r.serial"),
-        )
-    )
     serial_pick = _distinct_on(
-        select(c.id, c.queue_rank).where(c.serial, ~running_serial), c.queue
-    ).order_by(c.queue, c.priority.desc(), c.expected_at, c.run_at, c.id)
-    picked = union_all(select(c.id, c.queue_rank).where(~c.serial), serial_pick).cte("picked")
+        select(c.id, c.queue_rank, c.queue).where(c.serial), c.queue
+    ).order_by(c.queue, c.priority.desc(), c.expected_at, c.run_at, c.id).cte("serial_pick")
+    s = serial_pick.c
+    # a serial job starts alone: its queue's unmarked jobs wait for the next claim
+    plain = select(c.id, c.queue_rank).where(~c.serial, c.queue != sa.all_(
+        func.array(select(s.queue).scalar_subquery())))
+    picked = union_all(plain, select(s.id, s.queue_rank)).cte("picked")
     return (
         update(j)
         .where(j.c.id == picked.c.id)
@@ -432,9 +445,15 @@ def job_claim_by_id() -> sa.Update:
 
 
 @functools.lru_cache(maxsize=256)
-def job_next_run_at(queues: tuple[str, ...] | None) -> sa.Select:
-    """When the earliest queued job of these queues becomes ready (the idle worker's alarm)."""
-    stmt = select(func.min(j.c.run_at)).where(j.c.status == QUEUED)
+def job_next_run_at(queues: tuple[str, ...] | None,
+                    priorities: tuple[int, ...] | None = None) -> sa.Select:
+    """When the earliest job this worker could claim becomes ready (the idle worker's alarm).
+    The claim's own filters: a job of a paused queue, of another priority or of a blocked
+    serial queue is due but not claimable, and counting it would wake the worker at once,
+    again and again."""
+    stmt = select(func.min(j.c.run_at)).where(
+        j.c.status == QUEUED, *_open_queues(None), *_of_priorities(priorities)
+    )
     if queues:
         stmt = stmt.where(j.c.queue == sa.any_(bindparam("queues", list(queues), type_=ARRAY(Text))))
     return stmt

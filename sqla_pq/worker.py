@@ -51,6 +51,8 @@ log = logging.getLogger("sqla_pq.worker")
 
 ISOLATION_MODES = ("fork", "thread")
 PING_TIMEOUT = 3.0
+RELOOK_MIN, RELOOK_MAX = 0.01, 1.0
+"""Seconds before an idle worker looks again for a job that is due but was locked."""
 LISTEN_START_WAIT = 5.0
 """Seconds a starting worker waits for its listen connection before polling without it."""
 LISTEN_SLOW = 10.0
@@ -194,10 +196,12 @@ class Worker:
         self.current_job_id: int | None = None
         self._stopping = False
         self._abort = False
+        self._signals = 0
         self._maybe_work = True
         self._pending: list[Outcome] = []
         self._next_poll = 0.0
         self._next_due: float | None = None
+        self._relook = RELOOK_MIN
         self._next_start = 0.0
         self._listen_ok_at = 0.0
         self._ping: tuple[str, float] | None = None
@@ -576,7 +580,11 @@ class Worker:
             self._plan_next_due()
             return
         jobs = sorted((ClaimedJob.from_tuple(r) for r in rows), key=ClaimedJob.sort_key)
-        self._maybe_work = len(rows) >= asked
+        # A short batch means the queues are drained, unless it took a serial queue's job: that
+        # queue's other jobs may have filled the batch's candidates, and the next claim, which
+        # leaves the queue out while its job runs, reaches the other queues.
+        self._maybe_work = len(rows) >= asked or any(job.serial for job in jobs)
+        self._relook = RELOOK_MIN
         now = time.monotonic()
         verbose = log.isEnabledFor(logging.INFO)
         with self._lock:
@@ -602,7 +610,7 @@ class Worker:
 
     def _plan_next_due(self) -> None:
         try:
-            rows = self.link.run(queries.job_next_run_at(self.queues))
+            rows = self.link.run(queries.job_next_run_at(self.queues, self.priorities))
             when = rows[0][0] if rows else None
             if when is None:
                 self._next_due = None
@@ -611,7 +619,12 @@ class Worker:
         except Exception as exc:
             self._db_error(exc, "looking ahead")
             return
-        wait = max(0.0, (when - db_now).total_seconds())
+        wait = (when - db_now).total_seconds()
+        if wait <= 0:
+            # Due, yet the claim did not return it: another transaction holds its lock (a claim
+            # in flight, an application's SELECT ... FOR UPDATE).  Look again soon, then less
+            # and less often while the lock is held, not at once and again.
+            wait, self._relook = self._relook, min(self._relook * 2, RELOOK_MAX)
         self._next_due = time.monotonic() + min(wait, self.worker_ttl)
 
     def _flush(self, claim: bool, final: bool = False) -> None:

@@ -125,7 +125,11 @@ def test_the_database_refuses_a_second_running_job_of_a_serial_queue(pq, engine)
         raw.close()
 
 
-def _plan(engine, queues, batch, n_ready, generic=False):
+NO_COMPLETIONS = {"ids": [], "attempt_list": [], "results": [], "payloads": [],
+                  "signatures": [], "workspaces": []}
+
+
+def _plan(engine, queues, batch, n_ready, generic=False, builder=queries.job_claim):
     with engine.begin() as c:
         # a backlog in one queue, a few jobs in the queue being claimed: the case where
         # reading the wrong index would walk the whole backlog
@@ -142,14 +146,16 @@ def _plan(engine, queues, batch, n_ready, generic=False):
         if generic:  # what a worker runs: prepared once, generic plan, literal batch size
             from sqla_pq.link import Prepared
 
-            stmt = compile_raw(queries.job_claim(queues, None, batch), engine.dialect, None)
-            prepared = Prepared.of(stmt.sql, 0)
+            stmt = compile_raw(builder(queues, None, batch), engine.dialect, None)
+            prepared = Prepared.of(stmt.sql, 0, stmt.types)
             cur.execute("SET plan_cache_mode = force_generic_plan")
             cur.execute(prepared.prepare_sql)
-            sql, params = prepared.execute_sql, stmt.params({"worker": "x", "lease": 30.0})
+            sql, params = prepared.execute_sql, stmt.params(
+                {"worker": "x", "lease": 30.0, **NO_COMPLETIONS})
         else:
-            stmt = compile_raw(queries.job_claim(queues), engine.dialect, None)
-            sql, params = stmt.sql, stmt.params({"batch": batch, "worker": "x", "lease": 30.0})
+            stmt = compile_raw(builder(queues), engine.dialect, None)
+            sql, params = stmt.sql, stmt.params(
+                {"batch": batch, "worker": "x", "lease": 30.0, **NO_COMPLETIONS})
         cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
         plan = cur.fetchone()[0]
         raw.rollback()  # EXPLAIN ANALYZE ran the update
@@ -158,13 +164,15 @@ def _plan(engine, queues, batch, n_ready, generic=False):
     return plan[0]["Plan"]
 
 
+@pytest.mark.parametrize("builder", [queries.job_claim, queries.job_complete_and_claim],
+                         ids=["claim", "complete-and-claim"])
 @pytest.mark.parametrize("generic", [False, True], ids=["custom", "prepared-generic"])
 @pytest.mark.parametrize("queues, index", [(("default",), "ix_pq_job_ready"),
                                            (("other", "default"), "ix_pq_job_ready"),
                                            (None, "ix_pq_job_ready_any")])
 def test_the_claim_plan_uses_the_partial_index_and_locks_no_more_than_its_batch(
-        engine, queues, index, generic):
-    plan = _plan(engine, queues, batch=5, n_ready=20_000, generic=generic)
+        engine, queues, index, generic, builder):
+    plan = _plan(engine, queues, batch=5, n_ready=20_000, generic=generic, builder=builder)
     nodes = list(plan_nodes(plan))
     used = {n.get("Index Name") for n in nodes if "Index Name" in n}
     assert index in used, json.dumps(plan, indent=1)[:3000]
@@ -225,3 +233,27 @@ def test_complete_and_claim_carries_the_completed_ids_on_one_row_only(pq):
                           {**complete_params(again), "batch": 8, "worker": "w-test",
                            "lease": 30.0})
     assert len(rows) == 1 and rows[0][0] is None and sorted(rows[0][-3]) == waiting
+
+
+@pytest.mark.parametrize("queues", [["s", "p"], None], ids=["listed", "all-queues"])
+def test_a_serial_backlog_larger_than_the_batch_does_not_starve_the_other_queues(pq, queues):
+    """The serial queue's ready jobs come first and outnumber the batch: the claim takes one of
+    them; the next claim, while it runs, leaves the serial queue out and reaches the others."""
+    pq.queue("s", serial=True).enqueue_many([(tasks.add, (i, i)) for i in range(20)],
+                                            priority=Priority.HIGH)
+    plain = [pq.enqueue(tasks.add, i, i, queue="p").id for i in range(3)]
+    first = claim(pq, queues, 5)
+    assert [j.queue for j in first] == ["s"]
+    second = claim(pq, queues, 5)
+    assert sorted(j.id for j in second) == plain, "the other queue's jobs, none of the serial queue"
+    assert claim(pq, queues, 5) == []
+
+
+def test_a_serial_queue_runs_nothing_else_while_its_serial_job_runs(pq):
+    """A job enqueued on a serial queue's name by a path that did not mark it serial waits too:
+    at most one job of the queue runs while its serial job runs."""
+    serial = pq.queue("s2", serial=True).enqueue(tasks.add, 1, 1)
+    unmarked = pq.enqueue(tasks.add, 2, 2, queue="s2")
+    assert unmarked.serial is False
+    assert [j.id for j in claim(pq, ["s2"], 5)] == [serial.id], "the serial job starts alone"
+    assert claim(pq, ["s2"], 5) == [] and claim(pq, None, 5) == []

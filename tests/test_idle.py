@@ -1,0 +1,64 @@
+"""An idle worker sleeps: jobs it may not take (a paused queue's, other priorities', a busy
+serial queue's, one locked by another transaction) do not make it claim again and again."""
+
+from __future__ import annotations
+
+import time
+
+from sqla_pq import Priority
+from tests import tasks
+from tests.helpers import BackgroundWorker, wait_until
+
+IDLE_SECONDS = 1.5
+
+
+def _claims_while_idle(pq, queues, **options) -> int:
+    bg = BackgroundWorker(pq, queues, maintenance=False, **options)
+    worker = bg.worker
+    calls = []
+    claim_batch = worker._claim_batch
+
+    def counted() -> None:
+        calls.append(time.monotonic())
+        claim_batch()
+
+    worker._claim_batch = counted
+    with bg:
+        wait_until(lambda: worker.state == "idle" and calls, 15, message="the first claim")
+        start = len(calls)
+        time.sleep(IDLE_SECONDS)
+        return len(calls) - start
+
+
+def test_a_paused_queues_backlog_leaves_an_idle_worker_asleep(pq):
+    pq.enqueue_many([(tasks.add, (i, i)) for i in range(5)], queue="held")
+    pq.pause_queue("held")
+    # a busy loop claims hundreds of times in this time; a sleeping worker not at all
+    assert _claims_while_idle(pq, None) <= 1
+    assert _claims_while_idle(pq, ["held", "default"]) <= 1
+
+
+def test_other_priorities_leave_a_dedicated_worker_asleep(pq):
+    pq.enqueue(tasks.add, 1, 1, priority=Priority.LOW)
+    assert _claims_while_idle(pq, ["default"], priorities={Priority.CRITICAL}) <= 1
+
+
+def test_a_busy_serial_queue_leaves_a_spare_worker_asleep(pq):
+    q = pq.queue("one-at-a-time", serial=True)
+    q.enqueue(tasks.sleep, 30)
+    q.enqueue(tasks.add, 1, 1)
+    with BackgroundWorker(pq, ["one-at-a-time"], maintenance=False) as busy:
+        wait_until(lambda: busy.state == "busy", 15, message="the serial job to start")
+        try:
+            assert _claims_while_idle(pq, ["one-at-a-time"]) <= 1
+        finally:
+            busy.abort()  # the sleeping job goes back to the queue
+
+
+def test_a_job_locked_by_another_transaction_is_looked_at_less_and_less_often(pq, engine):
+    job = pq.enqueue(tasks.add, 1, 1)
+    with engine.begin() as c:  # an application holding the row: due, yet not claimable
+        c.exec_driver_sql("SELECT id FROM pq_job WHERE id = %(i)s FOR UPDATE", {"i": job.id})
+        claims = _claims_while_idle(pq, ["default"])
+    # backing off from 10 ms to 1 s: about 8 looks in 1.5 s, where a busy loop makes hundreds
+    assert 2 <= claims <= 20
