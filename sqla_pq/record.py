@@ -50,6 +50,9 @@ class Completed:
 
 
 def complete_params(successes: Sequence[Outcome]) -> dict[str, Any]:
+    """In id order: the heartbeat renews leases in id order too, and two statements locking
+    the same rows in different orders can deadlock."""
+    successes = sorted(successes, key=lambda o: o.job_id)
     return {
         "ids": [o.job_id for o in successes],
         "attempt_list": [o.attempt for o in successes],

@@ -88,7 +88,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         w = self.worker
-        held = w.held()
+        held = dict(sorted(w.held().items()))  # locks in id order, as completions take them
         sent_at = time.monotonic()  # a renewed lease runs from no earlier than this
         try:
             renewed, registered, stop = self.link.run(queries.worker_heartbeat(), {
@@ -407,7 +407,10 @@ class Worker:
         pool refuses connections another process opened (``protect_pool_across_fork``)."""
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stopping:
+        # Signals are counted on their own: after a stop asked from the database, the first
+        # SIGTERM (a service manager's) is still a warm stop, not the abort of a second signal.
+        self._signals += 1
+        if self._signals > 1:
             log.warning("Cold shut down: aborting the jobs in hand, they go back to the queue")
             self._abort = True
         else:
@@ -683,6 +686,8 @@ class Worker:
                 self._pending = []
                 self._forget(pending)
                 return
+            if claimed:  # committed with the successes: ours to run, whatever failed after
+                self._dispatch(claimed, batch, sent_at)
             self._db_error(exc, "recording outcomes")
             return
         self._db_ok()

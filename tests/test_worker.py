@@ -237,3 +237,50 @@ def test_transitions_are_compare_and_set_on_the_attempt(pq, engine):
     link.close()
     assert sorted(stale.stale) == [job.id, job.id]
     assert pq.get_job(job.id).status == "running"
+
+
+def test_jobs_claimed_with_completions_run_even_if_a_later_write_of_that_flush_fails(
+        pq, engine, monkeypatch):
+    """Complete-and-claim commits the next batch with the successes; a statement after it
+    failing (a dropped connection) must not leave that batch claimed and never run."""
+    import sqla_pq.worker as worker_module
+
+    real = worker_module.record_outcomes
+    failed = []
+
+    def once_failing(runner, outcomes, *, failure_ttl, completed=None):
+        if completed is not None and not failed:
+            failed.append(True)
+            raise RuntimeError("injected: the connection dropped after the claim committed")
+        return real(runner, outcomes, failure_ttl=failure_ttl, completed=completed)
+
+    monkeypatch.setattr(worker_module, "record_outcomes", once_failing)
+    ids = [pq.enqueue(tasks.add, i, i).id for i in range(3)]
+    # no maintenance: no rescuer would ever give a dropped claim back
+    with BackgroundWorker(pq, ["default"], concurrency=1, maintenance=False):
+        wait_until(lambda: scalar(engine, "SELECT count(*) FROM pq_job WHERE status = 'succeeded'")
+                   == 3, 15, message="all three jobs to succeed")
+    assert failed, "the injected failure did not happen: the test did not test anything"
+    assert [pq.get_job(i).result for i in ids] == [0, 2, 4]
+
+
+def test_after_a_stop_from_the_database_the_first_sigterm_is_still_a_warm_stop(pq):
+    import signal
+
+    worker = pq.worker(["default"], install_signals=False)
+    worker.request_stop("stop requested from the database")
+    worker._on_signal(signal.SIGTERM, None)
+    assert worker._stopping and not worker._abort, "one SIGTERM aborted the jobs in hand"
+    worker._on_signal(signal.SIGTERM, None)
+    assert worker._abort, "a second signal aborts"
+
+
+def test_completions_lock_their_rows_in_id_order_as_the_heartbeat_does():
+    """Two statements locking the same rows in different orders can deadlock."""
+    from sqla_pq.execution.call import Outcome
+    from sqla_pq.record import complete_params
+
+    params = complete_params([Outcome(9, 1, "succeeded", result_json="9"),
+                              Outcome(2, 3, "succeeded", result_json="2")])
+    assert params["ids"] == [2, 9] and params["attempt_list"] == [3, 1]
+    assert params["results"] == ["2", "9"]
