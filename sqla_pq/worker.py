@@ -36,7 +36,7 @@ from .db import (
     translating_schema_errors,
 )
 from .enqueue import check_queue_name
-from .execution.call import ClaimedJob, Hooks, Outcome
+from .execution.call import ClaimedJob, Hooks, Outcome, run_crash_hooks
 from .execution.fork import ForkExecutor
 from .execution.thread import ThreadExecutor
 from .link import Link
@@ -392,8 +392,7 @@ class Worker:
         still = self.executor.running()
         if self.isolation == "thread":
             self.executor.wait_idle(2.0)
-            for outcome in self.executor.collect():
-                self._pending.append(outcome)
+            self._pending.extend(self._collect())
             still = self.executor.running()
         pending_ids = {o.job_id for o in self._pending}
         give_back = [j for j in still if j.id not in pending_ids]
@@ -505,7 +504,7 @@ class Worker:
         self._check_leases(now)
         if self._stopping:  # prefetched jobs that have not started go back to the queue
             self.executor.release_waiting()
-        self._pending.extend(self.executor.collect())
+        self._pending.extend(self._collect())
         if self._abort:
             if self._pending:
                 self._flush(claim=False)
@@ -531,6 +530,17 @@ class Worker:
         self._check_listener(time.monotonic())
         self._sleep(self._timeout())
         return False
+
+    def _collect(self) -> list[Outcome]:
+        """The executor's finished attempts; for those that crashed or timed out, the handler
+        chain and failure hook run here, since where the job ran nothing is left to run them."""
+        outcomes = self.executor.collect()
+        for outcome in outcomes:
+            if outcome.crash is not None:
+                job = self._held.get(outcome.job_id)
+                if job is not None:
+                    run_crash_hooks(job, outcome, self.hooks)
+        return outcomes
 
     def _can_claim(self, now: float) -> bool:
         if self._stopping or not self._maybe_work or now < self._retry_at:

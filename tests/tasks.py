@@ -236,3 +236,8 @@ def random_and_thread() -> dict[str, Any]:
     thread.start()
     thread.join(5)
     return {"random": random.random(), "thread_ran": bool(ran)}
+
+
+def step_segfaults(job: Any) -> None:
+    """A multi-step job's step whose process dies (its failure hook runs in the worker)."""
+    ctypes.string_at(0)

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from tests import tasks
-from tests.helpers import WorkerProcess, rows, scalar, wait_until
+from tests.helpers import BackgroundWorker, WorkerProcess, rows, scalar, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -204,3 +204,26 @@ def test_a_database_restart_is_survived(pq, start, engine, server_url):
         job = pq.enqueue(tasks.add, round_, 1)
         assert pq.wait(job.id, timeout=30) == round_ + 1
     assert w.proc.poll() is None
+
+
+def test_a_crashed_or_timed_out_job_goes_through_the_handler_chain_and_the_failure_hook(
+        pq, tmp_path):
+    """The job's process is gone: the worker runs the chain (Sentry's handler is its first
+    link) and the failure hook, with ChildDied or JobTimeout."""
+    seen: list[tuple[int, str]] = []
+
+    def handler(job, exc_type, exc_value, tb):
+        seen.append((job.id, exc_type.__name__))
+
+    hook_file = tmp_path / "hook"
+    pq.define_job("crashy", tasks=[tasks.step_segfaults], failure_hook=tasks.on_failure)
+    crashed = pq.create_job("crashy", workspace={"hook_file": str(hook_file)})
+    slow = pq.enqueue(tasks.sleep, 30, timeout=0.5, max_retries=1, retry_in=0.1)
+    with BackgroundWorker(pq, ["default"], isolation="fork", exc_handlers=[handler],
+                          maintenance=False):
+        wait_until(lambda: {pq.get_job(crashed.id).status, pq.get_job(slow.id).status}
+                   == {"failed"}, 30, message="both jobs to fail")
+    assert sorted(seen) == sorted([(crashed.id, "ChildDied"), (slow.id, "JobTimeout"),
+                                   (slow.id, "JobTimeout")]), "one call per attempt"
+    hook = hook_file.read_text()
+    assert hook.startswith(f"{crashed.id} ChildDied ") and "SIGSEGV" in hook and hook.count("\n") == 1

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     Cancel,
+    ChildDied,
     JobTimeout,
     LeaseLost,
     PayloadSignatureError,
@@ -147,6 +148,10 @@ class Outcome:
     committed: bool = False
     """The completion was already written inside the task's own transaction (atomic tasks)."""
     log_result: str | None = None
+    crash: BaseException | None = field(default=None, repr=False)
+    """For an attempt that ended without reporting (:func:`crash_outcome`): the exception the
+    worker hands to the exception handlers and the failure hook, which could not run where
+    the job ran."""
 
 
 @dataclass
@@ -382,12 +387,26 @@ def failure_outcome(job: ClaimedJob, exc: BaseException, ctx: ExecutionContext) 
 
 def crash_outcome(job: ClaimedJob, error: str, traceback: str | None = None) -> Outcome:
     """An attempt that ended without reporting (killed, crashed, timed out): it counts against
-    ``max_retries`` like an exception, but no handler or hook can run for it."""
+    ``max_retries`` like an exception.  The worker runs the exception handlers and the failure
+    hook for it (:func:`run_crash_hooks`): where the job ran, nothing is left to run them."""
+    kind, _, message = error.partition(": ")
+    crash = JobTimeout(message) if kind == "JobTimeout" else ChildDied(
+        message if kind == "ChildDied" else error)
     if job.failures + 1 <= job.max_retries:
         return Outcome(job.id, job.attempts, "retry", error=error, traceback=traceback,
-                       retry_delay=_policy_delay(job), queue=job.queue)
+                       retry_delay=_policy_delay(job), queue=job.queue, crash=crash)
     return Outcome(job.id, job.attempts, "failed", error=error, traceback=traceback,
-                   queue=job.queue)
+                   queue=job.queue, crash=crash)
+
+
+def run_crash_hooks(job: ClaimedJob, outcome: Outcome, hooks: Hooks) -> None:
+    """What :func:`failure_outcome` runs for an exception, for an attempt that crashed or timed
+    out: the handler chain (Sentry's among them), then the failure hook if it failed for good."""
+    if outcome.crash is None:
+        return
+    run_handlers(job, outcome.crash, hooks.exc_handlers)
+    if outcome.kind == "failed":
+        run_failure_hook(job, outcome.crash)
 
 
 def _policy_delay(job: ClaimedJob) -> float:
