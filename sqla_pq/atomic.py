@@ -14,6 +14,7 @@ import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .db import is_connection_error
 from .errors import PQError
 
 if TYPE_CHECKING:
@@ -71,5 +72,16 @@ class AtomicRunner:
             from .execution.call import Outcome
 
             return Outcome(job.id, job.attempts, "succeeded", committed=True, error=str(exc))
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            # The database went away under the task or at its commit: its writes and its
+            # completion were rolled back together (or, if the commit went through, the job is
+            # already succeeded and giving it back matches nothing).  Not the task's failure:
+            # the job goes back to the queue, an interruption counted.
+            from .execution.call import Outcome
+
+            return Outcome(job.id, job.attempts, "interrupted", queue=job.queue,
+                           error=f"the database connection was lost: {exc.__class__.__name__}")
         outcome.committed = True
         return outcome

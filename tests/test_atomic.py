@@ -74,3 +74,28 @@ def test_an_atomic_task_in_fork_mode_runs_in_a_child_of_the_worker(pq, engine, a
     assert processed == 1
     assert pq.get_job(job.id).status == "succeeded"
     assert scalar(engine, "SELECT count(*) FROM test_users") == 1
+
+
+def test_a_lost_connection_in_an_atomic_task_gives_the_job_back_instead_of_failing_it(
+        pq, engine, atomic_tasks):
+    """The task's writes and its completion were rolled back together; the database, not the
+    task, failed: an interruption, not one of its max_retries."""
+    from sqla_pq import queries
+    from sqla_pq.atomic import AtomicRunner
+    from sqla_pq.execution.call import ClaimedJob
+
+    job = atomic_tasks.delay("gone@b.c")
+    with pq._cursor() as r:
+        claimed = ClaimedJob.from_tuple(r.run(queries.job_claim(("default",)),
+                                              {"batch": 1, "worker": "w", "lease": 30.0})[0])
+
+    def write_then_lose_the_connection() -> int:
+        session = current_session()
+        session.execute(sa.text("INSERT INTO test_users (email) VALUES ('gone@b.c')"))
+        session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return 1
+
+    outcome = AtomicRunner(pq)(claimed, write_then_lose_the_connection)
+    assert outcome.kind == "interrupted" and "connection was lost" in outcome.error
+    assert (outcome.job_id, outcome.attempt) == (job.id, 1)
+    assert scalar(engine, "SELECT count(*) FROM test_users") == 0
