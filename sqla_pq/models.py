@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy.orm import DeclarativeBase, Mapped
+from sqlalchemy.orm import DeclarativeBase, Mapped, synonym
 
 from .states import JobStatus
 from .tables import (  # noqa: F401 - re-exported: the tables were defined here before
@@ -89,6 +89,15 @@ class Job(_StoredCall, Base):
     workspace: Mapped[dict[str, Any] | None]
     step: Mapped[int]
     meta: Mapped[dict[str, Any] | None]
+
+    # The SPEC's field names (and python-pq's ``task.name``), usable in queries as well:
+    # ``select(Job).where(Job.worker == name)``.
+    worker: Mapped[str | None] = synonym("worker_id")
+    """The id of the worker running (or that last ran) the job."""
+    flow: Mapped[int | None] = synonym("flow_id")
+    """The id of the flow the job is a step of."""
+    name: Mapped[str | None] = synonym("task")
+    """The task's name (python-pq's ``task.name``)."""
 
     # -- the Python side ------------------------------------------------------------------------
     _pq: ClassVar[PQ | None] = None  # overridden per instance by the PQ that returned it
