@@ -701,8 +701,11 @@ class Worker:
             self._db_error(exc, "recording outcomes")
             return
         self._db_ok()
+        freed = self._serial_queues(pending)
         self._pending = []
         self._forget(pending)
+        if freed:
+            self._wake_for_serial(freed)
         verbose = log.isEnabledFor(logging.INFO)
         if released:
             log.info("%d prefetched job(s) went back to the queue unstarted", len(released))
@@ -727,6 +730,19 @@ class Worker:
     def _give_back(self, outcomes: Sequence[Outcome]) -> dict[str, Any]:
         return {"ids": [o.job_id for o in outcomes], "attempt_list": [o.attempt for o in outcomes],
                 "failure_ttl": float(self.settings.failure_ttl)}
+
+    def _serial_queues(self, outcomes: Sequence[Outcome]) -> set[str]:
+        with self._lock:
+            held = [self._held.get(o.job_id) for o in outcomes]
+        return {job.queue for job in held if job is not None and job.serial}
+
+    def _wake_for_serial(self, queues: set[str]) -> None:
+        """A serial queue whose job ended may start its next one: tell the idle workers, which
+        leave a busy serial queue out of their claims and would otherwise wait for a poll."""
+        try:
+            notify(self.link, queues)
+        except Exception as exc:
+            self._db_error(exc, "waking the workers of a serial queue")
 
     def _forget(self, outcomes: Sequence[Outcome]) -> None:
         """Recorded (or given up on): these jobs' leases are no longer ours to renew."""
