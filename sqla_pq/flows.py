@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import queries
-from .enqueue import Queue, split_options
-from .errors import FlowNotFound, PQError
+from .enqueue import Priority, Queue, split_options
+from .errors import FlowNotFound, InvalidOption, PQError
 from .execution.call import ClaimedJob, ExecutionContext, NextStep, call_task
 from .tasks import TaskOptions, import_object, register, registered, resolve
 
@@ -267,7 +267,8 @@ def define_job(name: str, tasks: Sequence[str | Callable[..., Any]], *,
                queue: str | None = None, priority: int | None = None,
                max_retries: int | None = None, timeout: Any = None) -> MultiStepJob:
     definition = MultiStepJob(name, tasks, failure_hook, creation_hook)
-    register(name, definition, TaskOptions(queue=queue, priority=priority, max_retries=max_retries,
+    register(name, definition, TaskOptions(queue=queue, priority=ddq_priority(priority),
+                                           max_retries=max_retries,
                                            timeout=timeout,
                                            extra={"failure_hook": failure_hook,
                                                   "creation_hook": creation_hook}))
@@ -288,6 +289,17 @@ def define_jobs(settings: Mapping[str, Any]) -> list[MultiStepJob]:
     return out
 
 
+def ddq_priority(priority: int | None) -> int | None:
+    """django-db-queue's priority on sqla_pq's scale: there 0 is the default and any higher
+    number runs sooner (``priority=1`` before every default job), so it counts up from
+    ``Priority.NORMAL`` here."""
+    if priority is None:
+        return None
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidOption(f"priority must be an int (0 is the default), not {priority!r}")
+    return Priority.NORMAL + priority
+
+
 def create_job(pq: PQ, name: str, *, workspace: dict[str, Any] | None = None,
                queue: str | None = None, priority: int | None = None,
                session: Session | None = None, **options: Any) -> Job:
@@ -297,7 +309,7 @@ def create_job(pq: PQ, name: str, *, workspace: dict[str, Any] | None = None,
                       "(or pq.define_jobs(JOBS)) in this process first")
     definition: MultiStepJob = entry.func
     job = pq.queue(queue or entry.options.queue, session=session).enqueue_call(
-        name, workspace=dict(workspace or {}), priority=priority, **options)
+        name, workspace=dict(workspace or {}), priority=ddq_priority(priority), **options)
     hook = definition.creation_hook
     if hook is not None:
         (import_object(hook) if isinstance(hook, str) else hook)(job)

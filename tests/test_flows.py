@@ -260,3 +260,21 @@ def test_pickle_queues_carry_any_object(pq):
     assert q.get(block=False).data.denominator == 3
     with pytest.raises(Exception, match="pickle"):
         pq["json-only"].put(tasks.Calculator(3))
+
+
+def test_create_job_priority_counts_as_django_db_queues(pq):
+    """There, 0 is the default and priority=1 runs before every default job."""
+    from sqla_pq import Priority
+    from tests.test_claim import claim
+
+    pq.define_job("ddq_prio", tasks=[tasks.step_one])
+    pq.define_job("ddq_urgent", tasks=[tasks.step_one], priority=2)
+    plain = pq.enqueue(tasks.add, 1, 1)
+    first = pq.create_job("ddq_prio", priority=1)
+    default = pq.create_job("ddq_prio")
+    urgent = pq.create_job("ddq_urgent")
+    assert (first.priority, default.priority, urgent.priority) == (
+        Priority.NORMAL + 1, Priority.NORMAL, Priority.NORMAL + 2)
+    assert [j.id for j in claim(pq, ["default"], 10)] == [urgent.id, first.id, plain.id, default.id]
+    with pytest.raises(PQError, match="priority must be an int"):
+        pq.create_job("ddq_prio", priority="high")
