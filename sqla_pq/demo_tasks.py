@@ -42,4 +42,5 @@ async def fetch_like(n: int) -> int:
 
 
 def heartbeat() -> str:
-    return "tick"
+    """The demo's periodic task."""
+    return f"tick at {time.strftime('%H:%M:%S')}"
