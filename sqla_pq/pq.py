@@ -34,6 +34,7 @@ from .enqueue import JobSpec, Queue, split_options
 from .errors import (
     ConfigurationError,
     DuplicateClientId,
+    InvalidOption,
     InvalidTransition,
     JobFailed,
     JobNotFound,
@@ -44,7 +45,7 @@ from .serialization import DILL, sign
 from .settings import Settings
 from .states import FINAL_STATES, JobStatus
 from .tables import job_table
-from .tasks import TaskFunction, TaskOptions, register
+from .tasks import TaskFunction, TaskOptions, check_task_options, register
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -517,8 +518,9 @@ class PQ:
         return {"job_id": job_id, "worker": f"inline:{os.getpid()}",
                 "lease": s.lease_seconds, "job_timeout": float(s.job_timeout)}
 
-    def run_job(self, job_id: int) -> Job:
+    def run_job(self, job_id: Job | int) -> Job:
         """Claim and run one queued job now, in this process (tests, scripts, debugging)."""
+        job_id = _job_id(job_id, "run_job")
         with self._transaction() as runner:
             rows = runner.run(queries.job_claim_by_id(), self._inline_claim(job_id))
         if not rows:
@@ -547,8 +549,10 @@ class PQ:
                 values[key] = bytes(values[key])
         return self._bind(_detached_job(values))
 
-    def get_job(self, job_id: int) -> Job:
-        """The job with this id; JobNotFound if there is none (it may have been pruned)."""
+    def get_job(self, job_id: Job | int) -> Job:
+        """The job with this id (or a fresh copy of this Job); JobNotFound if there is none
+        (it may have been pruned)."""
+        job_id = _job_id(job_id, "get_job")
         rows = self._run(queries.job_get(), {"job_id": job_id})
         if not rows:
             raise JobNotFound(f"no job has id {job_id} (it may have been pruned after its result_ttl)")
@@ -566,9 +570,10 @@ class PQ:
             job.__dict__[key] = fresh.__dict__[key]
         return job
 
-    def wait(self, job_id: int, timeout: float | None = None, *, poll: float = 0.05) -> Any:
+    def wait(self, job_id: Job | int, timeout: float | None = None, *, poll: float = 0.05) -> Any:
         """Block until the job finishes; return its value, or raise JobFailed.  Polls with a
         growing interval (up to 1 s)."""
+        job_id = _job_id(job_id, "wait")
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = min(poll, 1.0)
         while True:
@@ -636,8 +641,9 @@ class PQ:
             raise JobNotFound(f"no job has id {job_id}")
         raise InvalidTransition(f"cannot {verb} job {job_id}: it is {rows[0][1]}")
 
-    def cancel(self, job_id: int, reason: str = "cancelled") -> None:
+    def cancel(self, job_id: Job | int, reason: str = "cancelled") -> None:
         """Cancel a job that has not started; its dependants are cancelled too."""
+        job_id = _job_id(job_id, "cancel")
         with self._transaction() as runner:
             rows = runner.run(queries.job_cancel(), {"job_id": job_id, "error_text": reason})
             if not rows:
@@ -645,9 +651,10 @@ class PQ:
             if rows[0][1]:
                 cancel_dependants(runner, [job_id], failure_ttl=self.settings.failure_ttl)
 
-    def requeue(self, job_id: int) -> Job:
+    def requeue(self, job_id: Job | int) -> Job:
         """Queue a finished (failed, cancelled or succeeded) job again, with its retries
         restored."""
+        job_id = _job_id(job_id, "requeue")
         with self._transaction() as runner:
             rows = runner.run(queries.job_requeue(), {"job_id": job_id})
             if not rows:
@@ -655,8 +662,9 @@ class PQ:
             notify(runner, [rows[0][1]])
         return self.get_job(job_id)
 
-    def delete(self, job_id: int) -> None:
+    def delete(self, job_id: Job | int) -> None:
         """Delete a job whatever its state; dependants still waiting on it are cancelled."""
+        job_id = _job_id(job_id, "delete")
         with self._transaction() as runner:
             rows = runner.run(queries.job_delete(), {"job_id": job_id})
             if not rows:
@@ -729,13 +737,16 @@ class PQ:
              atomic: bool = False, **extra: Any) -> Any:
         """Register a task: ``@pq.task(queue="emails", max_retries=3)``.  The function stays
         directly callable; ``.delay(...)`` enqueues it.  A ``name`` makes the stored identity
-        independent of where the function lives (safe renames)."""
+        independent of where the function lives (safe renames).  ``schedule_at``/``run_at`` and
+        ``expected_at`` are defaults for each ``.delay()``; ``serial=True`` runs its jobs one at a
+        time; ``failure_hook(job, exc)`` runs when a job fails.  Any other option is an error."""
+        check_task_options(extra)
 
         def decorate(f: Callable[..., Any]) -> TaskFunction[Any, Any]:
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             options = TaskOptions(queue=queue, priority=priority, timeout=timeout,
                                   max_retries=max_retries, retry_in=retry_in,
-                                  result_ttl=result_ttl, atomic=atomic, extra=extra)
+                                  result_ttl=result_ttl, atomic=atomic, extra=dict(extra))
             register(task_name, f, options)
             return TaskFunction(self, f, task_name, options)
 
@@ -753,9 +764,11 @@ class PQ:
 
         return Flow(self, queue, name, session=session)
 
-    def get_flow(self, flow_id: int) -> FlowView:
+    def get_flow(self, flow_id: Flow | FlowView | int) -> FlowView:
         """A flow and its jobs (FlowNotFound once its last job was pruned)."""
-        from .flows import load_flows
+        from .flows import Flow, FlowView, load_flows
+
+        flow_id = _id_of(flow_id, (Flow, FlowView), "get_flow", "a flow")
 
         return load_flows(self, flow_id=flow_id)[0]
 
@@ -841,10 +854,11 @@ class PQ:
 
         return list_schedules(self, task=task_ref(task).name if task is not None else None)
 
-    def get_schedule(self, schedule_id: int) -> Schedule:
+    def get_schedule(self, schedule_id: Schedule | int) -> Schedule:
         from .errors import ScheduleNotFound
         from .models import Schedule
 
+        schedule_id = _schedule_id(schedule_id, "get_schedule")
         with self.session() as s:
             found = s.get(Schedule, schedule_id)
             if found is None:
@@ -852,11 +866,11 @@ class PQ:
             s.expunge(found)
             return found
 
-    def pause_schedule(self, schedule_id: int) -> None:
-        self._set_schedule_active(schedule_id, False)
+    def pause_schedule(self, schedule_id: Schedule | int) -> None:
+        self._set_schedule_active(_schedule_id(schedule_id, "pause_schedule"), False)
 
-    def resume_schedule(self, schedule_id: int) -> None:
-        self._set_schedule_active(schedule_id, True)
+    def resume_schedule(self, schedule_id: Schedule | int) -> None:
+        self._set_schedule_active(_schedule_id(schedule_id, "resume_schedule"), True)
 
     def _set_schedule_active(self, schedule_id: int, active: bool) -> None:
         from .models import Schedule
@@ -869,9 +883,10 @@ class PQ:
                 raise ScheduleNotFound(f"no schedule has id {schedule_id}")
             found.active = active
 
-    def delete_schedule(self, schedule_id: int) -> None:
+    def delete_schedule(self, schedule_id: Schedule | int) -> None:
         from .models import Schedule
 
+        schedule_id = _schedule_id(schedule_id, "delete_schedule")
         with self.session() as s:
             found = s.get(Schedule, schedule_id)
             if found is not None:
@@ -990,6 +1005,36 @@ def _detached_job(values: dict[str, Any]) -> Job:
         state.key = None
         make_transient_to_detached(job)
     return job
+
+
+def _id_of(value: Any, kinds: tuple[type, ...], method: str, what: str) -> int:
+    """The id of ``value``: an int as it is, or the ``id`` of one of ``kinds``.  Anything else
+    is refused by name here, not as a driver's "can't adapt" error."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, kinds) and isinstance(value.id, int):
+        return int(value.id)
+    names = " or ".join(k.__name__ for k in kinds)
+    raise InvalidOption(
+        f"pq.{method}() takes {what} ({names}) or its id (an int), not {type(value).__name__} "
+        f"{value!r}"
+    )
+
+
+def _job_id(job: Any, method: str) -> int:
+    """python-pq's ``pq.cancel(pq.enqueue(f))`` passes what enqueue returned: a Job here."""
+    if isinstance(job, int) and not isinstance(job, bool):
+        return job  # the common case imports nothing (workers keep the ORM out)
+    from .models import Job
+
+    return _id_of(job, (Job,), method, "a job")
+
+
+def _schedule_id(schedule: Any, method: str) -> int:
+    """``pq.pause_schedule(pq.schedule(...))``: a Schedule or its id."""
+    from .models import Schedule
+
+    return _id_of(schedule, (Schedule,), method, "a schedule")
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .errors import TaskNotAllowed, TaskNotImportable
+from .errors import InvalidOption, TaskNotAllowed, TaskNotImportable
 
 if TYPE_CHECKING:
     from .models import Job
@@ -40,6 +40,42 @@ class TaskOptions:
     atomic: bool = False
     """Run inside the transaction that records the job's completion (see docs/guarantees)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """The options of :data:`EXTRA_TASK_OPTIONS` (``define_job`` keeps its hooks here too)."""
+
+    @property
+    def serial(self) -> bool:
+        return bool(self.extra.get("serial"))
+
+
+TASK_OPTIONS = (
+    "name", "queue", "priority", "timeout", "max_retries", "retry_in", "result_ttl", "atomic",
+    "serial", "schedule_at", "run_at", "expected_at", "failure_hook",
+)
+"""Every option ``@pq.task(...)`` takes."""
+
+EXTRA_TASK_OPTIONS = frozenset({"serial", "schedule_at", "run_at", "expected_at", "failure_hook"})
+"""The ones kept in :attr:`TaskOptions.extra`."""
+
+
+def check_task_options(extra: dict[str, Any]) -> dict[str, Any]:
+    """Validate the decorator's extra options, in place: a typo (``max_retry=3``) must fail at
+    decoration, not leave the task silently without retries.  ``schedule_at`` becomes ``run_at``
+    (pq's name for the same default)."""
+    unknown = sorted(set(extra) - EXTRA_TASK_OPTIONS)
+    if unknown:
+        raise InvalidOption(
+            f"unknown @pq.task option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+            f"the options are {', '.join(TASK_OPTIONS)}"
+        )
+    if "schedule_at" in extra:
+        if extra.get("run_at") is not None and extra["schedule_at"] is not None:
+            raise InvalidOption("give run_at or schedule_at, not both (they are the same option)")
+        schedule_at = extra.pop("schedule_at")
+        if extra.get("run_at") is None:
+            extra["run_at"] = schedule_at
+    if not isinstance(extra.get("serial", False), bool):
+        raise InvalidOption(f"serial must be True or False, not {extra['serial']!r}")
+    return extra
 
 
 @dataclass
@@ -267,6 +303,7 @@ class TaskFunction(Generic[P, R]):
     """A function registered with ``@pq.task``: call it directly, or ``.delay()`` it."""
 
     def __init__(self, pq: PQ, func: Callable[P, R], name: str, options: TaskOptions) -> None:
+        check_task_options(options.extra)  # again for decorators other than PQ.task's (Flask)
         self.pq = pq
         self.func = func
         self.name = name
@@ -284,21 +321,34 @@ class TaskFunction(Generic[P, R]):
         for key in list(kwargs):
             if key.startswith("_") and key[1:] in _UNDERSCORE_OPTIONS:
                 options[_UNDERSCORE_OPTIONS[key[1:]]] = kwargs.pop(key)
-        for default in ("run_at", "expected_at"):  # pq's @queue.task(schedule_at=, expected_at=)
-            if default not in options and self.options.extra.get(default) is not None:
-                options[default] = self.options.extra[default]
-        queue_name = options.pop("queue", None) or self.options.queue
-        session = options.pop("session", None)
-        return self.pq.queue(queue_name, session=session).enqueue(self, *args, **{**kwargs, **options})
+        given = {**kwargs, **options}
+        queue = self._queue(options.pop("queue", None), options.pop("session", None))
+        return queue.enqueue(self, *args, **{**kwargs, **options, **self._time_defaults(given)})
 
     push = delay  # pgtq's name
 
     def enqueue_call(self, args: Any = (), kwargs: Any = None, **options: Any) -> Job:
-        queue_name = options.pop("queue", None) or self.options.queue
-        session = options.pop("session", None)
-        return self.pq.queue(queue_name, session=session).enqueue_call(
-            self, args=args, kwargs=kwargs, **options
-        )
+        queue = self._queue(options.pop("queue", None), options.pop("session", None))
+        return queue.enqueue_call(self, args=args, kwargs=kwargs,
+                                  **{**options, **self._time_defaults(options)})
+
+    def _time_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The task's ``run_at``/``expected_at`` (``@pq.task(schedule_at=...)``) where this call
+        gives none: a call's own time always wins."""
+        defaults: dict[str, Any] = {}
+        run_at = self.options.extra.get("run_at")
+        if run_at is not None and given.get("run_at") is None and given.get("schedule_at") is None:
+            defaults["run_at"] = run_at
+        expected_at = self.options.extra.get("expected_at")
+        if expected_at is not None and given.get("expected_at") is None:
+            defaults["expected_at"] = expected_at
+        return defaults
+
+    def _queue(self, name: str | None, session: Any) -> Any:
+        """The task's queue; ``serial=True`` marks its jobs serial (one running at a time among
+        the serial jobs of that queue)."""
+        serial = {"serial": True} if self.options.serial else {}
+        return self.pq.queue(name or self.options.queue, session=session, **serial)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

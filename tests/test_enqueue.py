@@ -309,3 +309,46 @@ def test_a_plain_enqueue_sends_only_its_set_columns_and_the_row_equals_the_retur
         stored = pq.get_job(job.id)
         for column in job_table.columns:
             assert getattr(stored, column.key) == getattr(job, column.key), column.key
+
+
+def test_job_methods_take_the_job_enqueue_returned_as_well_as_its_id(pq):
+    """python-pq's ``task_id = pq.enqueue(f); pq.cancel(task_id)``: enqueue returns a Job here,
+    and passing it must not end in the driver's "can't adapt type 'Job'"."""
+    job = pq.enqueue(tasks.add, 1, 2)
+    pq.cancel(job)
+    assert pq.get_job(job).status == "cancelled"
+    assert pq.requeue(job).status == "queued"
+    assert pq.run_job(job).status == "succeeded"
+    assert pq.wait(job, timeout=5) == 3
+    pq.delete(job)
+    with pytest.raises(JobNotFound):
+        pq.get_job(job.id)
+
+
+@pytest.mark.parametrize("method", ["get_job", "wait", "cancel", "requeue", "delete", "run_job"])
+def test_job_methods_refuse_anything_but_a_job_or_an_int_by_name(pq, method):
+    from sqla_pq.errors import InvalidOption
+
+    for bad in ("1", 1.5, None, True, pq.queue()):
+        with pytest.raises(InvalidOption, match=rf"pq\.{method}\(\) takes a job \(Job\) or its id"):
+            getattr(pq, method)(bad)
+
+
+def test_schedule_and_flow_methods_take_the_object_they_returned(pq):
+    from sqla_pq.errors import InvalidOption
+
+    schedule = pq.schedule(tasks.add, run_every=60, args=(1, 2))
+    pq.pause_schedule(schedule)
+    assert pq.get_schedule(schedule).active is False
+    pq.resume_schedule(schedule)
+    assert pq.get_schedule(schedule.id).active is True
+    pq.delete_schedule(schedule)
+    assert pq.schedules() == []
+    with pq.flow("flows", name="by-object") as flow:
+        flow.enqueue(tasks.add, 1, 2)
+    assert pq.get_flow(flow).id == flow.id
+    assert pq.get_flow(pq.get_flow(flow)).name == "by-object"
+    with pytest.raises(InvalidOption, match=r"pq\.pause_schedule\(\) takes a schedule"):
+        pq.pause_schedule("sync")
+    with pytest.raises(InvalidOption, match=r"pq\.get_flow\(\) takes a flow"):
+        pq.get_flow(schedule)

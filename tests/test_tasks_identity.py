@@ -3,6 +3,7 @@ before anything is imported."""
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 
 import pytest
@@ -64,3 +65,64 @@ def test_import_errors_inside_a_module_are_not_mistaken_for_missing_modules():
         import_object("tests.tasks.no_such_function")
     with pytest.raises(TaskNotImportable):
         import_object("no_such_package.mod.f")
+
+
+# -- @pq.task options ----------------------------------------------------------------------------
+
+
+def test_an_unknown_task_option_fails_at_decoration_and_lists_the_valid_ones(pq):
+    from sqla_pq.errors import InvalidOption
+    from sqla_pq.tasks import registered
+
+    with pytest.raises(InvalidOption, match=r"unknown @pq\.task option max_retry: the options "
+                                            r"are name, queue, .*max_retries"):
+        @pq.task(name="tests.identity.typo", max_retry=3)
+        def typo() -> None:
+            pass
+
+    assert registered("tests.identity.typo") is None
+    with pytest.raises(InvalidOption, match="run_at or schedule_at, not both"):
+        pq.task(schedule_at="1h", run_at="2h")
+    with pytest.raises(InvalidOption, match="serial must be True or False"):
+        pq.task(serial="yes")
+    with pytest.raises(InvalidOption, match="unknown @pq.task option"):
+        pq["apples"].task(shedule_at="1h")  # pq's @queue.task goes through the same check
+
+
+def test_task_schedule_at_and_expected_at_are_defaults_each_call_can_override(pq, engine):
+    from tests.helpers import scalar
+
+    @pq.task(name="tests.identity.later", schedule_at="1h", expected_at="2h")
+    def later() -> None:
+        pass
+
+    @pq["msgq"].task(schedule_at="1h")
+    def queued_later() -> None:
+        pass
+
+    now = scalar(engine, "SELECT now()")
+    job = later.delay()
+    assert dt.timedelta(minutes=59) < job.run_at - now < dt.timedelta(minutes=61)
+    assert job.expected_at is not None
+    assert queued_later.delay().run_at - now > dt.timedelta(minutes=59)
+    assert queued_later.delay().queue == "msgq"
+    soon = later.delay(_schedule_at="10s")
+    assert soon.run_at - now < dt.timedelta(minutes=1)
+    assert later.delay(run_at="10s").run_at - now < dt.timedelta(minutes=1)
+    assert later.delay(schedule_at="10s").run_at - now < dt.timedelta(minutes=1)
+    assert later.enqueue_call().run_at - now > dt.timedelta(minutes=59)
+
+
+def test_a_serial_task_enqueues_serial_jobs(pq):
+    @pq.task(name="tests.identity.one_at_a_time", queue="reports", serial=True)
+    def one_at_a_time() -> None:
+        pass
+
+    @pq.task(name="tests.identity.any_time", queue="reports")
+    def any_time() -> None:
+        pass
+
+    assert one_at_a_time.delay().serial is True
+    assert one_at_a_time.enqueue_call().serial is True
+    assert one_at_a_time.delay(_queue="other").serial is True
+    assert any_time.delay().serial is False
