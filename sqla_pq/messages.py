@@ -5,12 +5,14 @@ priority, ``expected_at``, ``schedule_at``, insertion) with ``FOR UPDATE SKIP LO
 it consumed, waiting on NOTIFY up to ``timeout`` when there is none.  Inside ``with queue as
 session:`` the get is part of that session's transaction: work, write your results with the
 session, and a crash (an exception) rolls the get back, leaving the message in the queue.
-Queues named ``<name>/pickle`` carry any picklable object.
+Queues named ``<name>/pickle`` carry any picklable object; with ``secret_keys`` configured their
+payloads are signed at ``put()`` and verified by ``get()`` before anything is unpickled.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import pickle
 import select
 import threading
@@ -19,10 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
+
 from . import queries
 from .enqueue import check_queue_name
-from .serialization import PICKLE, EncodedCall, dumps_json, to_json_value
-from .tables import NOTIFY_CHANNEL
+from .errors import PayloadSignatureError
+from .serialization import PICKLE, EncodedCall, _check_size, dumps_json, sign, to_json_value, verify
+from .tables import NOTIFY_CHANNEL, job_table
 from .timeparse import When
 
 if TYPE_CHECKING:
@@ -69,6 +74,21 @@ class MessageQueue:
     def put(self, data: Any, schedule_at: When | None = None, expected_at: When | None = None,
             *, priority: int | None = None, session: Session | None = None) -> int:
         """Add a message; ``schedule_at`` delays it, ``expected_at`` orders it.  Returns its id."""
+        session = session or self._session()
+        encoded = self._encode(data)
+        queue = self.pq.queue(self.name, session=session)
+        spec = queue.build(None, (), {}, run_at=schedule_at, expected_at=expected_at,
+                           priority=priority, timeout=None)
+        spec.encoded = encoded
+        keys = self.pq.settings.secret_keys
+        if keys and encoded.payload is not None:
+            # the signature covers the row's id: reserve it, as enqueue does for dill
+            spec.id = self._reserve_id(session)
+            spec.signature = sign(keys, spec.id, self._purpose, encoded.payload)
+        return self.pq._insert([spec], session=session)[0].id
+
+    def _encode(self, data: Any) -> EncodedCall:
+        """JSON, or pickle on a ``/pickle`` queue; within the enqueue's payload limits."""
         if self.pickled:
             blob = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
             encoded = EncodedCall(PICKLE, None, None, blob, len(blob))
@@ -76,11 +96,22 @@ class MessageQueue:
             value = to_json_value(data) if _json_ok(data) else _not_json(data)
             text = dumps_json([value])
             encoded = EncodedCall("json", text, "{}", None, len(text), [value], {})
-        queue = self.pq.queue(self.name, session=session or self._session())
-        spec = queue.build(None, (), {}, run_at=schedule_at, expected_at=expected_at,
-                           priority=priority, timeout=None)
-        spec.encoded = encoded
-        return self.pq._insert([spec], session=session or self._session())[0].id
+        settings = self.pq.settings
+        _check_size(encoded.size, settings.max_payload_bytes, settings.warn_payload_bytes,
+                    f"a message on {self.name!r}")
+        return encoded
+
+    def _reserve_id(self, session: Session | None) -> int:
+        if session is not None:
+            return int(session.connection().execute(
+                queries.job_ids_reserve(), {"n": 1}, execution_options=self.pq.execution_options
+            ).scalar_one())
+        return int(self.pq._run(queries.job_ids_reserve(), {"n": 1})[0][0])
+
+    @property
+    def _purpose(self) -> str:
+        """What a message's signature covers besides its id and payload: its queue."""
+        return f"message:{self.name}"
 
     # -- get ---------------------------------------------------------------------------------------
 
@@ -129,11 +160,40 @@ class MessageQueue:
             return None
         job_id, encoding, args, payload, enqueued_at, run_at, expected_at, priority = rows[0]
         if encoding == PICKLE:
-            data = pickle.loads(bytes(payload))
+            data = self._unpickle(job_id, bytes(payload or b""), session)
         else:
             data = (args or [None])[0]
         return Message(job_id, data, enqueued_at, run_at if run_at and run_at > enqueued_at else None,
                        expected_at, priority)
+
+    def _unpickle(self, message_id: int, blob: bytes, session: Session | None) -> Any:
+        """Unpickling runs code: with secret keys, only a payload this queue's ``put`` signed."""
+        keys = self.pq.settings.secret_keys
+        if keys:
+            signature = self._rows(session, _signature_of(), {"job_id": message_id})[0][0]
+            try:
+                verify(keys, message_id, self._purpose, blob, signature)
+            except PayloadSignatureError:
+                state = "unsigned" if not signature else "signed with no configured key"
+                error = PayloadSignatureError(
+                    f"message {message_id} on {self.name!r}: its pickle payload is {state}; it was "
+                    "not loaded and is marked failed (check secret_keys, and who writes pq_job)",
+                    message_id=message_id,
+                )
+                self._refuse(message_id, str(error), session)
+                raise error from None
+        return pickle.loads(blob)
+
+    def _refuse(self, message_id: int, reason: str, session: Session | None) -> None:
+        """Mark a refused message failed, so it neither comes back nor passes for consumed."""
+        self._rows(session, _mark_failed(), {"job_id": message_id, "reason": reason})
+
+    def _rows(self, session: Session | None, statement: Any, params: dict[str, Any]) -> list[Any]:
+        if session is None:
+            return self.pq._run(statement, params)
+        result = session.connection().execute(statement, params,
+                                              execution_options=self.pq.execution_options)
+        return list(result) if result.returns_rows else []
 
     def __iter__(self) -> Iterator[Message | None]:
         """Blocks for a message; yields None after each timeout (one second)."""
@@ -162,6 +222,9 @@ class MessageQueue:
                 session.rollback()
         finally:
             session.close()
+        refused = exc.context.get("message_id") if isinstance(exc, PayloadSignatureError) else None
+        if refused is not None:  # the rollback undid its refusal: record it on its own
+            self._refuse(refused, str(exc), None)
 
     def _session(self) -> Session | None:
         stack = getattr(self._local, "stack", None)
@@ -170,20 +233,22 @@ class MessageQueue:
     # -- pq's tasks --------------------------------------------------------------------------------
 
     def task(self, **options: Any) -> Any:
-        """pq's ``@queue.task(schedule_at=..., max_retries=..., retry_in=...)``."""
-        schedule_at = options.pop("schedule_at", None)
-        expected_at = options.pop("expected_at", None)
-        decorator = self.pq.task(queue=self.name, **options)
-        if schedule_at is None and expected_at is None:
-            return decorator
+        """pq's ``@queue.task(schedule_at=..., max_retries=..., retry_in=...)``: ``@pq.task`` on
+        this queue."""
+        return self.pq.task(queue=self.name, **options)
 
-        def wrap(f: Any) -> Any:
-            task = decorator(f)
-            task.options.extra.setdefault("run_at", schedule_at)
-            task.options.extra.setdefault("expected_at", expected_at)
-            return task
 
-        return wrap
+@functools.cache
+def _signature_of() -> Any:
+    j = job_table
+    return sa.select(j.c.signature).where(j.c.id == sa.bindparam("job_id"))
+
+
+@functools.cache
+def _mark_failed() -> Any:
+    j = job_table
+    return (sa.update(j).where(j.c.id == sa.bindparam("job_id"))
+            .values(status="failed", error=sa.bindparam("reason")))
 
 
 def _json_ok(data: Any) -> bool:

@@ -120,3 +120,91 @@ def test_the_worker_says_once_how_to_lock_tasks_down(pq, caplog):
     with caplog.at_level(logging.INFO, logger="sqla_pq"):
         work_one(pq)
     assert caplog.text.count("SQLA_PQ_ALLOWED_TASKS") == 1
+
+
+# -- pickle message queues ----------------------------------------------------------------------------
+
+
+def _forged_pickle(canary) -> bytes:
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    return pickle.dumps(Evil())
+
+
+def test_signed_pickle_messages_round_trip_and_rotated_keys_verify(Session, engine):
+    pq = PQ(Session, secret_keys=["old"])
+    first = pq["jobs/pickle"].put(tasks.Calculator(3))
+    assert scalar(engine, f"SELECT signature IS NOT NULL FROM pq_job WHERE id = {first}")
+    pq["jobs/pickle"].put({"plain": "dict"})
+    rotated = PQ(Session, secret_keys=["new", "old"])["jobs/pickle"]
+    assert rotated.get(block=False).data.denominator == 3
+    assert rotated.get(block=False).data == {"plain": "dict"}
+
+
+def test_a_forged_or_tampered_pickle_message_is_refused_unloaded_and_failed(Session, engine, tmp_path):
+    import pytest
+
+    from sqla_pq import PayloadSignatureError
+
+    canary = tmp_path / "pickle-canary"
+    pq = PQ(Session, secret_keys=["k"])
+    q = pq["jobs/pickle"]
+    with engine.begin() as c:  # a row written by anyone with INSERT on the table
+        c.exec_driver_sql("INSERT INTO pq_job (queue, encoding, payload) VALUES "
+                          "('jobs/pickle', 'pickle', %(p)s)", {"p": _forged_pickle(canary)})
+    signed = q.put("kept")
+    moved = q.put("elsewhere")
+    with engine.begin() as c:  # a signed payload moved to another row: its signature names its id
+        c.exec_driver_sql("UPDATE pq_job SET payload = (SELECT payload FROM pq_job WHERE id = %(a)s) "
+                          "WHERE id = %(b)s", {"a": signed, "b": moved})
+    with pytest.raises(PayloadSignatureError, match="unsigned; it was not loaded"):
+        q.get(block=False)
+    assert q.get(block=False).data == "kept"
+    with pytest.raises(PayloadSignatureError, match="signed with no configured key"):
+        q.get(block=False)
+    assert not canary.exists()
+    failed = pq.list_failed()
+    assert len(failed) == 2 and all("not loaded" in j.error for j in failed)
+    assert q.get(block=False) is None
+
+
+def test_a_refused_message_inside_a_transaction_does_not_come_back(Session, engine, tmp_path):
+    import pytest
+
+    from sqla_pq import PayloadSignatureError
+
+    canary = tmp_path / "pickle-canary"
+    with engine.begin() as c:
+        c.exec_driver_sql("INSERT INTO pq_job (queue, encoding, payload) VALUES "
+                          "('tx/pickle', 'pickle', %(p)s)", {"p": _forged_pickle(canary)})
+    pq = PQ(Session, secret_keys=["k"])
+    q = pq["tx/pickle"]
+    with pytest.raises(PayloadSignatureError):
+        with q:
+            q.get(block=False)
+    assert not canary.exists()
+    assert scalar(engine, "SELECT status FROM pq_job") == "failed"
+    assert q.get(block=False) is None
+
+
+def test_messages_have_the_enqueue_payload_limits(Session, caplog):
+    import logging
+
+    import pytest
+
+    from sqla_pq import PayloadTooLarge
+
+    pq = PQ(Session, max_payload_bytes=2000, warn_payload_bytes=1000)
+    with pytest.raises(PayloadTooLarge, match="max_payload_bytes"):
+        pq["big/pickle"].put(b"x" * 3000)
+    with pytest.raises(PayloadTooLarge):
+        pq["big"].put("x" * 3000)
+    with caplog.at_level(logging.WARNING, logger="sqla_pq"):
+        pq["big"].put("x" * 1500)
+    assert "large payloads slow the queue" in caplog.text
+    assert len(pq["big"]) == 1 and len(pq["big/pickle"]) == 0
