@@ -564,6 +564,9 @@ class PQ:
             raise JobNotFound(f"no job has client_id {client_id!r}")
         return self._job_from_row(rows[0])
 
+    get_task_by_client_id = get_job_by_client_id
+    """python-pq's name."""
+
     def refresh_job(self, job: Job) -> Job:
         fresh = self.get_job(job.id)
         for key in _COLUMN_DEFAULTS:
@@ -909,8 +912,14 @@ class PQ:
     # -- workers -----------------------------------------------------------------------------------
 
     def worker(self, queues: Sequence[str] | str | None = None, **options: Any) -> Worker:
+        """A worker (not yet running); ``poll_interval`` is python-pq's name of ``worker_ttl``,
+        the seconds between two polls when no NOTIFY came."""
         from .worker import Worker
 
+        if "poll_interval" in options:
+            if "worker_ttl" in options:
+                raise InvalidOption("give worker_ttl or poll_interval (python-pq's name), not both")
+            options["worker_ttl"] = options.pop("poll_interval")
         return Worker(self, queues, **options)
 
     def run_worker(self, queues: Sequence[str] | str | None = None, **options: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from sqla_pq.models import Job
@@ -31,3 +32,13 @@ def test_worker_flow_and_name_read_and_query_as_their_columns(pq):
     with pq.session() as s:
         assert s.scalars(select(Job.id).where(Job.worker == worker.id, Job.flow == f.id,
                                               Job.name == "tests.tasks.add")).all() == [job.id]
+
+
+def test_python_pq_names_get_task_by_client_id_and_poll_interval(pq):
+    from sqla_pq.errors import InvalidOption
+
+    job = pq.enqueue(tasks.add, 1, 2, client_id="order-123")
+    assert pq.get_task_by_client_id("order-123").id == job.id
+    assert pq.worker(["default"], poll_interval=1.5, install_signals=False).worker_ttl == 1.5
+    with pytest.raises(InvalidOption, match="not both"):
+        pq.worker(["default"], poll_interval=1.0, worker_ttl=2.0)
