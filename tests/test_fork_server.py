@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -138,3 +139,33 @@ def test_a_worker_in_code_forks_its_jobs_itself_unless_asked(pq):
     pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
                   maintenance=False)
     assert pq.get_job(job.id).return_value()["ppid"] == os.getpid()
+
+
+def test_a_job_the_fork_server_refuses_and_the_worker_cannot_fork_goes_back_to_the_queue(
+        pq, monkeypatch):
+    """The server's fork failed (a transient refusal): the worker forks the job itself, and
+    when that fails too the job goes back to the queue unstarted, to run at a later claim."""
+    from sqla_pq.execution import forkserver
+
+    real_start = forkserver.ForkServer.start
+    refused: list[int] = []
+
+    def refuse_once(self, job, *args):
+        if not refused:
+            refused.append(job.id)
+            raise forkserver.ForkServerRefused(f"the fork server could not fork job {job.id}",
+                                               transient=True)
+        return real_start(self, job, *args)
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(forkserver.ForkServer, "start", refuse_once)
+    monkeypatch.setattr(os, "fork", no_fork)  # the worker's; the server is a process of its own
+    job = pq.enqueue(tasks.add, 2, 3)
+    processed = pq.run_worker(["default"], burst=True, isolation="fork", install_signals=False,
+                              maintenance=False, fork_server=True)
+    assert processed == 1 and refused == [job.id]
+    done = pq.get_job(job.id)
+    assert done.status == "succeeded" and done.return_value() == 5
+    assert (done.attempts, done.failures, done.interruptions) == (1, 0, 0)

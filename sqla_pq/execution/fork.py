@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, NoReturn
 from ..logs import flush_logs
 from ..serialization import preload
 from ..tasks import RegisteredTask, registered
-from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute
+from .call import ClaimedJob, ExecutionContext, Outcome, crash_outcome, execute, short_error
 from .forkserver import ForkServer, ForkServerGone, ForkServerRefused, transferable
 
 if TYPE_CHECKING:
@@ -110,6 +110,30 @@ class _Child:
     """The fork server that forked this child (None: the worker did)."""
 
 
+@dataclass
+class _Pipes:
+    """The descriptors opened to start one job's process (-1: not opened)."""
+
+    read: int = -1
+    write: int = -1
+    lease_r: int = -1
+    lease_w: int = -1
+
+    def close(self) -> None:
+        for fd in (self.read, self.write, self.lease_r, self.lease_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.read = self.write = self.lease_r = self.lease_w = -1
+
+
+START_RETRY = 1.0
+"""Seconds a worker that could not start a job's process claims nothing: the job went back to
+the queue, and claiming it again at once would fail again, as fast as the database answers."""
+
+
 class ForkExecutor:
     mode = "fork"
 
@@ -145,6 +169,8 @@ class ForkExecutor:
         self._server_starts = 0
         self._worker_forks: set[str] = set()
         """Registered tasks the fork server could not find: the worker forks their jobs."""
+        self._retry_starts_at = 0.0
+        """Until then (monotonic), no free slot is offered: a job's process could not start."""
         if self._server_ctx is not None:
             self._start_server()
 
@@ -180,6 +206,8 @@ class ForkExecutor:
         return server
 
     def free(self) -> int:
+        if self._retry_starts_at and time.monotonic() < self._retry_starts_at:
+            return 0  # see START_RETRY
         return self.concurrency + self.prefetch - len(self.children) - len(self._held)
 
     def busy(self) -> int:
@@ -206,12 +234,7 @@ class ForkExecutor:
         """The outcomes so far; then held jobs start in the slots their children freed (here,
         once per turn of the loop, after a stopping worker has taken its held jobs back)."""
         while self._held and len(self.children) < self.concurrency:
-            job = self._held.pop(0)
-            try:
-                self._start(job)
-            except Exception:  # noqa: BLE001 - out of processes or descriptors: give it back
-                log.exception("could not start held job %s; it goes back to the queue", job.id)
-                self._outcomes.append(Outcome(job.id, job.attempts, "released", queue=job.queue))
+            self._start(self._held.pop(0))
         out, self._outcomes = self._outcomes, []
         return out
 
@@ -222,49 +245,78 @@ class ForkExecutor:
             self._held.append(job)
 
     def _start(self, job: ClaimedJob) -> None:
-        read_fd, write_fd = os.pipe()
+        """Start ``job``'s process.  One that cannot start (out of processes, descriptors or
+        memory) is reported at once, its descriptors closed: otherwise the worker would hold
+        it, and renew its lease, for as long as it lives."""
+        pipes = _Pipes()
+        try:
+            pid, server = self._spawn(job, pipes)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, no process runs the job
+            pipes.close()
+            self._not_started(job, exc)
+            return
+        if pid < 0:  # reported already
+            return
+        os.close(pipes.write)
+        if pipes.lease_r >= 0:
+            os.close(pipes.lease_r)
+            os.set_blocking(pipes.lease_w, False)
+        os.set_blocking(pipes.read, False)
+        timeout = job.extra.get("timeout")
+        now = time.monotonic()
+        self.children[pipes.read] = _Child(job, pid, pipes.read, now,
+                                           now + timeout if timeout else None, timeout,
+                                           lease_fd=pipes.lease_w, server=server)
+        self.register_fd(pipes.read)
+
+    def _spawn(self, job: ClaimedJob, pipes: _Pipes) -> tuple[int, ForkServer | None]:
+        """Fork ``job``'s process (the fork server, or this process); its pid (-1: the job's
+        outcome is reported already) and the server that forked it.  ``pipes`` holds each
+        descriptor as it is opened, for the caller to close if this raises."""
+        pipes.read, pipes.write = os.pipe()
         # the lease left when the child starts, counted from when the job's lease was set
         lease_ok_at = job.extra.get("lease_ok_at", time.monotonic())
         lease_left = (self.lease_guard - (time.monotonic() - lease_ok_at)
                       if self.lease_guard else None)
         entry = registered(job.task) if job.task else None
         server = self._server_for(job, entry)
-        pid = -1
-        lease_r = lease_w = -1  # a child the server forks has its lease kept by the server
-        if server is not None:
+        if server is not None:  # a child the server forks has its lease kept by the server
             try:
-                pid = server.start(job, write_fd, lease_left, _modules_of(job.task), entry)
+                return server.start(job, pipes.write, lease_left, _modules_of(job.task),
+                                    entry), server
             except ForkServerRefused as exc:
                 if exc.transient:
                     log.warning("%s; the worker forks it", exc)
                 else:
                     self._worker_forks.add(job.task or "")
-                server = None
             except ForkServerGone as exc:
                 if exc.job_sent:  # its process may have run: a crash, not a second start
                     log.warning("%s while starting job %s", exc, job.id)
-                    os.close(read_fd)
-                    os.close(write_fd)
+                    pipes.close()
                     self._outcomes.append(crash_outcome(
                         job, f"ChildDied: {exc} while starting the job's process"))
-                    return
+                    return -1, None
                 log.warning("%s; job %s is forked by the worker", exc, job.id)
-                server = None
-        if server is None:
-            preload(job.encoding)  # once here, not in every child
-            if self.lease_guard:
-                lease_r, lease_w = os.pipe()
-            pid = self._fork(job, read_fd, write_fd, os.getpid(), lease_r, lease_w, lease_left)
-        os.close(write_fd)
-        if lease_r >= 0:
-            os.close(lease_r)
-            os.set_blocking(lease_w, False)
-        os.set_blocking(read_fd, False)
-        timeout = job.extra.get("timeout")
-        now = time.monotonic()
-        self.children[read_fd] = _Child(job, pid, read_fd, now, now + timeout if timeout else None,
-                                        timeout, lease_fd=lease_w, server=server)
-        self.register_fd(read_fd)
+        preload(job.encoding)  # once here, not in every child
+        if self.lease_guard:
+            pipes.lease_r, pipes.lease_w = os.pipe()
+        return self._fork(job, pipes.read, pipes.write, os.getpid(), pipes.lease_r,
+                          pipes.lease_w, lease_left), None
+
+    def _not_started(self, job: ClaimedJob, exc: Exception) -> None:
+        """No process could run ``job``.  Short of processes, descriptors or memory (EAGAIN,
+        EMFILE, ENOMEM): it goes back to the queue as it was (``released``), and this worker
+        claims nothing for ``START_RETRY`` seconds rather than claim it again at once.  Any
+        other error counts as a failed attempt, so that a job that can never start ends."""
+        if isinstance(exc, (OSError, MemoryError)):
+            log.warning("could not start a process for job %s (%s); it goes back to the queue",
+                        job.id, exc)
+            self._outcomes.append(Outcome(job.id, job.attempts, "released", queue=job.queue))
+            self._retry_starts_at = time.monotonic() + START_RETRY
+            return
+        log.exception("could not start a process for job %s", job.id)
+        self._outcomes.append(crash_outcome(
+            job, f"ChildDied: the job's process could not start ({short_error(exc)})"))
 
     def _fork(self, job: ClaimedJob, read_fd: int, write_fd: int, parent: int, lease_r: int,
               lease_w: int, lease_left: float | None) -> int:
@@ -415,6 +467,11 @@ class ForkExecutor:
 
     def check_deadlines(self, now: float) -> float | None:
         upcoming: float | None = None
+        if self._retry_starts_at:  # the loop must wake to claim again (see START_RETRY)
+            if now < self._retry_starts_at:
+                upcoming = self._retry_starts_at
+            else:
+                self._retry_starts_at = 0.0
         if self._exiting:
             self.reap_exited()
         for child in list(self.children.values()):
