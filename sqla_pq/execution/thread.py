@@ -12,6 +12,12 @@ cancelled by asyncio at its timeout instead, and raised into only if it ignores 
 cannot kill a thread, so one stuck in C code keeps running, and the worker keeps the job
 ``running`` and its lease renewed until the thread really ends: no retry overlaps it.  A job
 whose lease the worker lost gets ``LeaseLost`` raised the same way.
+
+Such a stop is raised only under the pool's lock, into a thread whose slot still holds the job
+it is meant for; the thread frees its slot under that lock, dropping first any stop still
+pending for it.  So a stop that comes as its job ends lands, at worst, in that job's
+bookkeeping (which resumes where it was), never in the next job or in a thread idle in the
+inbox.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .call import (
     ClaimedJob,
     ExecutionContext,
     Outcome,
+    crash_outcome,
     execute,
     failure_outcome,
     short_error,
@@ -48,6 +55,21 @@ class _Slot:
     timed_out: bool = False
     warned: bool = False
     fenced: bool = False
+    interrupted: bool = False
+
+
+@dataclass
+class _Turn:
+    """A job thread's job in hand, kept across a stop that lands outside the job's own frames
+    (as it starts or ends): the thread takes the turn again where it was, and neither the job
+    nor its slot is lost."""
+
+    slot: _Slot | None = None
+    outcome: Outcome | None = None
+
+
+_STOPS = (JobTimeout, LeaseLost, KeyboardInterrupt)
+"""What the pool raises into a job's thread: a timeout, a lost lease, an abort."""
 
 
 ASYNC_GRACE = 1.0
@@ -63,6 +85,13 @@ def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
         return False
     return res == 1
+
+
+def _drop_pending_stop() -> None:
+    """Forget an exception raised into this thread that has not landed yet."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
 
 
 class ThreadExecutor:
@@ -154,8 +183,9 @@ class ThreadExecutor:
                 deadline += ASYNC_GRACE  # asyncio cancels it at the timeout itself
             if now >= deadline and not slot.timed_out:
                 slot.timed_out = True
-                log.warning("job %s ran past its timeout of %gs; stopping it", slot.job.id, slot.timeout)
-                async_raise(slot.thread_id, JobTimeout)
+                if self._stop(slot, JobTimeout):
+                    log.warning("job %s ran past its timeout of %gs; stopping it", slot.job.id,
+                                slot.timeout)
             elif slot.timed_out and not slot.warned and now >= slot.deadline + self.stuck_grace:
                 slot.warned = True
                 log.error(
@@ -174,7 +204,8 @@ class ThreadExecutor:
         with self._lock:
             slots = list(self._slots.values())
         for slot in slots:
-            async_raise(slot.thread_id, KeyboardInterrupt)
+            slot.interrupted = True
+            self._stop(slot, KeyboardInterrupt)
         return [s.job for s in slots]
 
     def fence(self, job_ids: set[int]) -> None:
@@ -187,7 +218,16 @@ class ThreadExecutor:
             for slot in slots:
                 slot.fenced = True
         for slot in slots:
-            async_raise(slot.thread_id, LeaseLost)
+            self._stop(slot, LeaseLost)
+
+    def _stop(self, slot: _Slot, exc_type: type[BaseException]) -> bool:
+        """Raise ``exc_type`` in ``slot``'s thread if that slot still runs its job (this
+        attempt): under the lock, so that its thread cannot free the slot and take the next
+        job meanwhile.  False: the job ended; the stop is too late, and is not raised."""
+        with self._lock:
+            if self._slots.get(slot.job.id) is not slot:
+                return False
+            return async_raise(slot.thread_id, exc_type)
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -202,43 +242,58 @@ class ThreadExecutor:
     # -- the job threads' side -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        turn = _Turn()
         while True:
             try:
-                if not self._serve_one():
-                    return
-            except (JobTimeout, LeaseLost):  # a stop raised just as its job ended: too late
+                while self._serve_one(turn):
+                    pass
+                return
+            except _STOPS:  # raised just as its job ended: the turn goes on where it was
                 continue
 
-    def _serve_one(self) -> bool:
-        job = self._inbox.get()
-        if job is None:
-            return False
+    def _serve_one(self, turn: _Turn) -> bool:
+        """Take a job from the inbox and run it (unless a turn is under way), then report
+        it; False at shutdown."""
+        if turn.slot is None:
+            job = self._inbox.get()  # no stop can land here: see _end
+            if job is None:
+                return False
+            slot = self._begin(job, turn)
+            if slot is None:  # released while it waited
+                return True
+            turn.outcome = self._run(job, slot, slot.timeout)
+        self._end(turn)
+        return True
+
+    def _begin(self, job: ClaimedJob, turn: _Turn) -> _Slot | None:
+        """Give ``job`` a slot in this thread; None if it was released while it waited."""
         timeout = job.extra.get("timeout")
         start = time.monotonic()
         slot = _Slot(job, threading.get_ident(), start,
                      start + timeout if timeout else None, timeout)
         with self._lock:
-            if self._queued.get(job.id) is not job:  # released while it waited
-                return True
+            if self._queued.get(job.id) is not job:
+                return None
             del self._queued[job.id]
-            self._slots[job.id] = slot
+            self._slots[job.id] = turn.slot = slot  # from here on it may be stopped
             planned = self._waiting.pop(job.id, None)
         if planned is not None and planned <= start:
             self.wake()  # it waited past its deadline bound: the loop must plan for it now
-        outcome: Outcome | None = None
-        try:
-            outcome = self._run(job, slot, timeout)
-        finally:
-            if outcome is None:  # a stop landed between the job's end and its report
-                kind = "fenced" if slot.fenced else "failed"
-                outcome = Outcome(job.id, job.attempts, kind, queue=job.queue,
-                                  error="JobTimeout: the job ran past its timeout" if kind == "failed" else None)
+        return slot
+
+    def _end(self, turn: _Turn) -> None:
+        """Report the job in hand and free its slot.  A stop still pending is dropped first,
+        under the lock: once the slot is gone none can be raised into this thread."""
+        slot = turn.slot
+        assert slot is not None
+        with self._lock:
+            _drop_pending_stop()
+            outcome = turn.outcome if turn.outcome is not None else _stopped_outcome(slot)
             self._outcomes.append(outcome)  # before the slot frees: idle implies collectable
-            with self._lock:
-                self._slots.pop(job.id, None)
-                self._submitted -= 1
-            self.wake()
-        return True
+            self._slots.pop(slot.job.id, None)
+            self._submitted -= 1
+            turn.slot = turn.outcome = None
+        self.wake()
 
     def _run(self, job: ClaimedJob, slot: _Slot, timeout: float | None) -> Outcome:
         try:
@@ -260,12 +315,22 @@ class ThreadExecutor:
             text = f"JobTimeout: the job ran past its timeout of {timeout:g}s"
             if outcome.kind == "succeeded":
                 # it finished after all, but after its deadline: a timeout is a failure
-                from .call import crash_outcome
-
                 outcome = crash_outcome(job, text)
             else:
                 outcome.error = text
         return outcome
+
+
+def _stopped_outcome(slot: _Slot) -> Outcome:
+    """The outcome of a job whose stop landed outside its own frames, before it reported:
+    what it was stopped for."""
+    job = slot.job
+    if slot.fenced:
+        return Outcome(job.id, job.attempts, "fenced", queue=job.queue)
+    if slot.interrupted:
+        return Outcome(job.id, job.attempts, "interrupted", queue=job.queue)
+    limit = f" of {slot.timeout:g}s" if slot.timeout else ""
+    return crash_outcome(job, f"JobTimeout: the job ran past its timeout{limit}")
 
 
 __all__ = ["ThreadExecutor", "async_raise"]
