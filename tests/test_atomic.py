@@ -99,3 +99,26 @@ def test_a_lost_connection_in_an_atomic_task_gives_the_job_back_instead_of_faili
     assert outcome.kind == "interrupted" and "connection was lost" in outcome.error
     assert (outcome.job_id, outcome.attempt) == (job.id, 1)
     assert scalar(engine, "SELECT count(*) FROM test_users") == 0
+
+
+def test_a_statement_timeout_in_an_atomic_task_is_its_own_failure(pq, engine, atomic_tasks):
+    """57014 (query_canceled) is in the "operator intervention" class a pool reconnects on, but
+    the task's statement was too slow: a failure counted against max_retries, not an
+    interruption."""
+    from sqla_pq import queries
+    from sqla_pq.atomic import AtomicRunner
+    from sqla_pq.execution.call import ClaimedJob
+
+    atomic_tasks.delay("slow@b.c")
+    with pq._cursor() as r:
+        claimed = ClaimedJob.from_tuple(r.run(queries.job_claim(("default",)),
+                                              {"batch": 1, "worker": "w", "lease": 30.0})[0])
+
+    def too_slow() -> int:
+        session = current_session()
+        session.execute(sa.text("SET LOCAL statement_timeout = 50"))
+        session.execute(sa.text("SELECT pg_sleep(1)"))
+        return 1
+
+    with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+        AtomicRunner(pq)(claimed, too_slow)
