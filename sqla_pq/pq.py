@@ -672,9 +672,11 @@ class PQ:
             rows = runner.run(queries.job_delete(), {"job_id": job_id})
             if not rows:
                 raise JobNotFound(f"no job has id {job_id}")
-            _, status, has_dependants = rows[0]
+            _, status, has_dependants, queue, serial = rows[0]
             if has_dependants and status != "succeeded":
                 cancel_dependants(runner, [job_id], failure_ttl=self.settings.failure_ttl)
+            if serial and status == "running":  # its serial queue is free: wake the workers
+                notify(runner, [queue])
 
     # -- queues and workers ----------------------------------------------------------------------------
 

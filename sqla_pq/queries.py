@@ -828,8 +828,8 @@ def job_requeue() -> sa.Update:
 @functools.cache
 def job_delete() -> sa.Delete:
     """Delete one job, whatever its state."""
-    return delete(j).where(j.c.id == bindparam("job_id")).returning(j.c.id, j.c.status,
-                                                                j.c.has_dependants)
+    return delete(j).where(j.c.id == bindparam("job_id")).returning(
+        j.c.id, j.c.status, j.c.has_dependants, j.c.queue, j.c.serial)
 
 
 def job_list(statuses: Sequence[str], queue: bool) -> sa.Select:

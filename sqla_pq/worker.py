@@ -627,13 +627,16 @@ class Worker:
             when = rows[0][0] if rows else None
             if when is None:
                 self._next_due = None
+                self._relook = RELOOK_MIN
                 return
             db_now = self.link.run(queries.now())[0][0]
         except Exception as exc:
             self._db_error(exc, "looking ahead")
             return
         wait = (when - db_now).total_seconds()
-        if wait <= 0:
+        if wait > 0:
+            self._relook = RELOOK_MIN  # nothing due is locked: the next lock starts afresh
+        else:
             # Due, yet the claim did not return it: another transaction holds its lock (a claim
             # in flight, an application's SELECT ... FOR UPDATE).  Look again soon, then less
             # and less often while the lock is held, not at once and again.
@@ -1007,13 +1010,16 @@ def _sentry_handler() -> Callable[..., Any] | None:
     if not sentry_sdk.Hub.current.client:  # type: ignore[attr-defined]
         sentry_sdk.init(dsn=dsn)
 
+    owner = os.getpid()  # the worker: its SDK sends in the background, the loop must not wait
+
     def report(job: ClaimedJob, exc_type: Any, exc_value: BaseException, tb: Any) -> bool:
         with sentry_sdk.push_scope() as scope:  # type: ignore[attr-defined]
             scope.set_tag("sqla_pq.queue", job.queue)
             scope.set_extra("job_id", job.id)
             scope.set_extra("task", job.task)
             sentry_sdk.capture_exception(exc_value)
-        sentry_sdk.flush(timeout=2.0)
+        if os.getpid() != owner:  # a fork child exits right after: send before it does
+            sentry_sdk.flush(timeout=2.0)
         return True
 
     return report

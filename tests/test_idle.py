@@ -62,3 +62,34 @@ def test_a_job_locked_by_another_transaction_is_looked_at_less_and_less_often(pq
         claims = _claims_while_idle(pq, ["default"])
     # backing off from 10 ms to 1 s: about 8 looks in 1.5 s, where a busy loop makes hundreds
     assert 2 <= claims <= 20
+
+
+def _hold_serial_job(pq, queue: str, lease: float = 30.0):
+    """A serial queue's job claimed by a worker that is not there; a second one waiting."""
+    from sqla_pq import queries
+
+    q = pq.queue(queue, serial=True)
+    first = q.enqueue_call(tasks.add, args=(1, 1), max_interruptions=0)
+    second = q.enqueue(tasks.add, 2, 2)
+    with pq._cursor() as r:
+        r.run(queries.job_claim((queue,)), {"batch": 5, "worker": "gone", "lease": lease})
+    return first, second
+
+
+def test_deleting_a_running_serial_job_wakes_the_idle_workers(pq):
+    first, second = _hold_serial_job(pq, "s-delete")
+    with BackgroundWorker(pq, ["s-delete"], maintenance=False):
+        time.sleep(0.3)  # it looked, and left the busy serial queue out
+        assert pq.get_job(second.id).status == "queued"
+        pq.delete(first)
+        # the tests' worker_ttl is 30 s: only a NOTIFY brings the worker back this soon
+        assert pq.wait(second, timeout=10) == 4
+
+
+def test_the_rescuer_failing_a_serial_job_wakes_the_idle_workers(pq):
+    first, second = _hold_serial_job(pq, "s-rescue", lease=2.0)
+    with BackgroundWorker(pq, ["s-rescue"]):  # its rescuer fails the job (max_interruptions=0)
+        time.sleep(0.3)  # it looked, and left the busy serial queue out; the lease still runs
+        assert pq.get_job(second.id).status == "queued"
+        assert pq.wait(second, timeout=10) == 4
+    assert pq.get_job(first).status == "failed"

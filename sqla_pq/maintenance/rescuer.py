@@ -33,6 +33,8 @@ class Rescuer(Service):
         doomed = [r[0] for r in failed if r[2]]
         if doomed:
             cancel_dependants(link, doomed, failure_ttl=self.failure_ttl)
-        notify(link, {r[3] for r in requeued})
+        # the failed ones too: a serial queue they held is free, and idle workers leave a
+        # busy serial queue out of their claims until told
+        notify(link, {r[3] for r in rows})
         link.run(queries.worker_prune_dead(), {"grace": float(self.forget_after)})
         return {"requeued": len(requeued), "failed": len(failed)}
