@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from sqla_pq import current_session
+from sqla_pq import current_session, queries
+from sqla_pq.atomic import AtomicRunner
+from sqla_pq.execution.call import ClaimedJob
 from sqla_pq.testing import drain
 from tests.helpers import scalar
 
@@ -21,6 +23,13 @@ def atomic_tasks(pq):
         return 1
 
     return signup
+
+
+def _claim_one(pq) -> ClaimedJob:
+    """Claim the queued job as a worker would, to run it through AtomicRunner by hand."""
+    with pq._cursor() as r:
+        rows = r.run(queries.job_claim(("default",)), {"batch": 1, "worker": "w", "lease": 30.0})
+    return ClaimedJob.from_tuple(rows[0])
 
 
 def test_writes_and_completion_commit_together(pq, engine, atomic_tasks):
@@ -39,13 +48,8 @@ def test_a_failing_atomic_task_leaves_no_write(pq, engine, atomic_tasks):
 
 def test_an_attempt_that_lost_its_job_rolls_its_writes_back(pq, engine, atomic_tasks):
     """The completion's compare-and-set fails (the job was rescued): nothing is committed."""
-    from sqla_pq import queries
-    from sqla_pq.atomic import AtomicRunner
-    from sqla_pq.execution.call import ClaimedJob
-
     job = atomic_tasks.delay("late@b.c")
-    with pq._cursor() as r:
-        claimed = ClaimedJob.from_tuple(r.run(queries.job_claim(("default",)), {"batch": 1, "worker": "w", "lease": 30.0})[0])
+    claimed = _claim_one(pq)
     with engine.begin() as c:  # the rescuer gave the job to attempt 2 meanwhile
         c.exec_driver_sql("UPDATE pq_job SET attempts = attempts + 1 WHERE id = %(i)s", {"i": job.id})
 
@@ -80,14 +84,8 @@ def test_a_lost_connection_in_an_atomic_task_gives_the_job_back_instead_of_faili
         pq, engine, atomic_tasks):
     """The task's writes and its completion were rolled back together; the database, not the
     task, failed: an interruption, not one of its max_retries."""
-    from sqla_pq import queries
-    from sqla_pq.atomic import AtomicRunner
-    from sqla_pq.execution.call import ClaimedJob
-
     job = atomic_tasks.delay("gone@b.c")
-    with pq._cursor() as r:
-        claimed = ClaimedJob.from_tuple(r.run(queries.job_claim(("default",)),
-                                              {"batch": 1, "worker": "w", "lease": 30.0})[0])
+    claimed = _claim_one(pq)
 
     def write_then_lose_the_connection() -> int:
         session = current_session()
@@ -105,14 +103,8 @@ def test_a_statement_timeout_in_an_atomic_task_is_its_own_failure(pq, engine, at
     """57014 (query_canceled) is in the "operator intervention" class a pool reconnects on, but
     the task's statement was too slow: a failure counted against max_retries, not an
     interruption."""
-    from sqla_pq import queries
-    from sqla_pq.atomic import AtomicRunner
-    from sqla_pq.execution.call import ClaimedJob
-
     atomic_tasks.delay("slow@b.c")
-    with pq._cursor() as r:
-        claimed = ClaimedJob.from_tuple(r.run(queries.job_claim(("default",)),
-                                              {"batch": 1, "worker": "w", "lease": 30.0})[0])
+    claimed = _claim_one(pq)
 
     def too_slow() -> int:
         session = current_session()
