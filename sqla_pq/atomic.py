@@ -14,7 +14,7 @@ import contextvars
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .db import is_connection_error
+from .db import is_connection_lost
 from .errors import PQError
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class AtomicRunner:
 
             return Outcome(job.id, job.attempts, "succeeded", committed=True, error=str(exc))
         except Exception as exc:
-            if not _connection_lost(exc):
+            if not is_connection_lost(exc):
                 raise
             # The database went away under the task or at its commit: its writes and its
             # completion were rolled back together (or, if the commit went through, the job is
@@ -85,12 +85,3 @@ class AtomicRunner:
                            error=f"the database connection was lost: {exc.__class__.__name__}")
         outcome.committed = True
         return outcome
-
-
-def _connection_lost(exc: BaseException) -> bool:
-    """The connection went away, as opposed to a statement refused or cancelled: a
-    statement_timeout (57014, a "connection error" to a pool) is the task's own failure."""
-    pgcode = getattr(getattr(exc, "orig", None), "pgcode", None)
-    if pgcode:
-        return pgcode[:2] == "08" or pgcode in ("57P01", "57P02", "57P03")
-    return is_connection_error(exc)

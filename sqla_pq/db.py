@@ -141,6 +141,16 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def is_connection_lost(exc: BaseException) -> bool:
+    """Narrower than :func:`is_connection_error`: the connection itself went away (class 08,
+    a server shutdown, an invalidated connection), not a statement cancelled by
+    ``statement_timeout`` or an operator (57014), which is the statement's own failure."""
+    pgcode = getattr(getattr(exc, "orig", None), "pgcode", None)
+    if pgcode:
+        return pgcode[:2] == "08" or pgcode in ("57P01", "57P02", "57P03")
+    return is_connection_error(exc)
+
+
 def raise_if_schema_missing(exc: BaseException) -> None:
     """Translate 'relation pq_job does not exist' into SchemaMissing."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc

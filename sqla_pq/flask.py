@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from ._frameworks import SETTING_NAMES, ForkGuard, check_known, settings_from
 from .errors import ConfigurationError
 from .pq import PQ
-from .tasks import TaskFunction, TaskOptions, register
+from .tasks import TaskFunction, TaskOptions, check_task_options, register
 
 if TYPE_CHECKING:
     from .enqueue import Queue
@@ -245,12 +245,13 @@ class FlaskPQ:
              atomic: bool = False, **extra: Any) -> Any:
         """Register a task, as :meth:`sqla_pq.PQ.task`; ``.delay()`` enqueues it in the app's
         session.  Give a ``name`` when the defining module may run as ``__main__``."""
+        check_task_options(extra)  # before anything is registered
 
         def decorate(f: Callable[..., Any]) -> TaskFunction[Any, Any]:
             task_name = name or f"{f.__module__}.{f.__qualname__}"
             options = TaskOptions(queue=queue, priority=priority, timeout=timeout,
                                   max_retries=max_retries, retry_in=retry_in,
-                                  result_ttl=result_ttl, atomic=atomic, extra=extra)
+                                  result_ttl=result_ttl, atomic=atomic, extra=dict(extra))
             register(task_name, f, options)
             # TaskFunction only calls .queue(name, session=...), which this class provides.
             return TaskFunction(cast(PQ, self), f, task_name, options)

@@ -303,7 +303,6 @@ class TaskFunction(Generic[P, R]):
     """A function registered with ``@pq.task``: call it directly, or ``.delay()`` it."""
 
     def __init__(self, pq: PQ, func: Callable[P, R], name: str, options: TaskOptions) -> None:
-        check_task_options(options.extra)  # again for decorators other than PQ.task's (Flask)
         self.pq = pq
         self.func = func
         self.name = name

@@ -206,3 +206,14 @@ def test_worker_removes_a_thread_scoped_session_after_each_job(engine):
 def test_session_argument_must_be_a_session_factory():
     with pytest.raises(ConfigurationError, match="scoped_session or a sessionmaker"):
         FlaskPQ(Flask("x"), session=Session())  # type: ignore[arg-type]
+
+
+def test_an_unknown_task_option_is_refused_before_the_task_is_registered():
+    from sqla_pq.errors import InvalidOption
+    from sqla_pq.tasks import registered
+
+    ext = FlaskPQ()
+    with pytest.raises(InvalidOption, match="unknown @pq.task option max_retry"):
+        @ext.task(name="tests.flask.typo", max_retry=3)
+        def typo() -> None: ...
+    assert registered("tests.flask.typo") is None, "a refused task stayed registered"
