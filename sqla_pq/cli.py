@@ -4,6 +4,7 @@
     sqla-pq enqueue PATH [ARGS ...] [--queue Q] [--timeout T] [--run-at WHEN]
     sqla-pq schedule WHEN PATH [ARGS ...] [--repeat N --interval S --mo ... | --cron EXPR]
     sqla-pq status | requeue ID... | cancel ID... | prune | migrate | benchmark | demo
+    sqla-pq create-job NAME [--workspace JSON] | queue-depth [QUEUE ...] | delete-old-jobs
     sqla-pq dashboard [--host 127.0.0.1] [--port 8321] [--auth USER:PASSWORD]
 
 The database comes from ``--url`` or ``DATABASE_URL``; ``--app module:attr`` loads your ``PQ``
@@ -22,9 +23,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import PQError
+from .errors import InvalidOption, PQError
 
 log = logging.getLogger("sqla_pq")
+
+WEEKDAY_FLAGS = ("mo", "tu", "we", "th", "fr", "sa", "su")
 
 
 def _parse_value(text: str) -> Any:
@@ -140,7 +143,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         options["client_id"] = args.client_id
     if args.max_retries is not None:
         options["max_retries"] = args.max_retries
-    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    kwargs = _json_object(args.kwargs, "--kwargs") if args.kwargs else {}
     job = pq.queue(args.queue).enqueue_call(
         args.path, args=[_parse_value(a) for a in args.args], kwargs=kwargs, **options
     )
@@ -164,17 +167,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     with ``--cron``, a periodic task (python-pq)."""
     from .timeparse import parse_moment
 
-    pq = _pq(args)
     task_args = [_parse_value(a) for a in args.args]
-    weekdays = [d for d in ("mo", "tu", "we", "th", "fr", "sa", "su") if getattr(args, d)]
+    weekdays = [d for d in WEEKDAY_FLAGS if getattr(args, d)]
     if args.cron:
-        parse_moment(args.when, what="WHEN")
+        _refuse_with_cron(args, weekdays)
+        pq = _pq(args)
+        limit = {} if args.max_concurrent is None else {"max_concurrent": args.max_concurrent}
         s = pq.schedule(args.path, cron=args.cron, key=args.key or "", timezone=args.timezone,
-                        queue=args.queue, args=task_args,
-                        max_concurrent=args.max_concurrent)
+                        queue=args.queue, args=task_args, **limit)
         print(f"periodic task {s.task} [{s.key}] on '{s.cron}' ({s.timezone}); next run "
               f"{s.next_run_at:%Y-%m-%d %H:%M:%S%z}")
         return 0
+    pq = _pq(args)
     options: dict[str, Any] = {}
     if args.repeat is not None:
         options["repeat"] = args.repeat
@@ -199,6 +203,23 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     else:
         print(f"enqueued job {result.id}: {result.description}, run at {result.run_at:%Y-%m-%d %H:%M:%S%z}")
     return 0
+
+
+def _refuse_with_cron(args: argparse.Namespace, weekdays: list[str]) -> None:
+    """A periodic task (``pq.schedule``) is timed by its cron expression alone: a flag it has
+    no place for is refused, not dropped."""
+    given = [f"--{name}" for name in ("repeat", "interval", "between", "until")
+             if getattr(args, name) is not None]
+    given += [f"--{day}" for day in weekdays]
+    if args.when.strip().lower() != "now":
+        raise InvalidOption(
+            f"WHEN must be 'now' with --cron, not {args.when!r}: a periodic task's runs come from "
+            "its cron expression (pause it with pq.schedule(..., active=False) until it should run)")
+    if given:
+        raise InvalidOption(
+            f"{', '.join(given)} cannot be combined with --cron: a periodic task runs on its cron "
+            "expression alone (put days and hours in it: '0 9-17 * * 1-5'); for --repeat, "
+            "--interval or --until, schedule without --cron")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -228,9 +249,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """django-db-queue's delete_old_jobs and the pruner, on demand."""
-    import datetime as dt
-
+    """The pruner, on demand; with ``--older-than``, delete-old-jobs too."""
     from .link import Link
     from .maintenance.pruner import Pruner
 
@@ -242,11 +261,61 @@ def cmd_prune(args: argparse.Namespace) -> int:
         link.close()
     print(f"deleted {result['deleted']} expired job(s)")
     if args.older_than is not None:
-        from .timeparse import parse_duration
+        _delete_finished(pq, args.older_than)
+    return 0
 
-        before = dt.datetime.now(dt.UTC) - parse_duration(args.older_than)
-        n = pq.clear_completed(before=before) + pq.clear_failed(before=before)
-        print(f"deleted {n} finished job(s) older than {args.older_than}")
+
+def cmd_delete_old_jobs(args: argparse.Namespace) -> int:
+    """django-db-queue's delete_old_jobs: keeps the table small when run from cron."""
+    _delete_finished(_pq(args), args.older_than)
+    return 0
+
+
+def _delete_finished(pq: Any, older_than: str) -> None:
+    """Delete succeeded and failed jobs that finished more than ``older_than`` ago.  Cancelled
+    jobs are left to the pruner (they expire ``result_ttl`` after cancelling)."""
+    import datetime as dt
+
+    from .timeparse import parse_duration
+
+    before = dt.datetime.now(dt.UTC) - parse_duration(older_than, what="--older-than")
+    n = pq.clear_completed(before=before) + pq.clear_failed(before=before)
+    print(f"deleted {n} finished job(s) older than {older_than}")
+
+
+def cmd_create_job(args: argparse.Namespace) -> int:
+    """django-db-queue's create_job: a multi-step job, from definitions the user imports."""
+    from .flows import MultiStepJob
+    from .tasks import registered
+
+    workspace = _json_object(args.workspace, "--workspace") if args.workspace is not None else {}
+    pq = _pq(args)
+    entry = registered(args.name)
+    if entry is None or not isinstance(entry.func, MultiStepJob):
+        raise PQError(f"no job definition named {args.name!r}: import the module that defines it "
+                      "(-I app.jobs, or --app app:pq) before create-job")
+    job = pq.create_job(args.name, workspace=workspace, queue=args.queue, priority=args.priority)
+    print(f"created job {job.id}: {args.name} on {job.queue}")
+    return 0
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    """A JSON object from the command line, or a one-line error naming the option."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidOption(f"{option} is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise InvalidOption(f"{option} must be a JSON object ({{\"key\": \"value\"}}), "
+                            f"not {type(value).__name__} {text!r}")
+    return value
+
+
+def cmd_queue_depth(args: argparse.Namespace) -> int:
+    """django-db-queue's queue_depth: a name with no waiting jobs (or misspelled) shows 0."""
+    depths = _pq(args).queue_depths()
+    for name in args.queues or sorted(depths):
+        print(f"{name}: {depths.get(name, 0)}")
     return 0
 
 
@@ -353,15 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("args", nargs="*")
     sc.add_argument("--repeat", type=int, help="repeats after the first run; -1 for ever")
     sc.add_argument("--interval", help="seconds (or '1h', '1d') between runs")
-    for day in ("mo", "tu", "we", "th", "fr", "sa", "su"):
+    for day in WEEKDAY_FLAGS:
         sc.add_argument(f"--{day}", action="store_true")
     sc.add_argument("--between", help="a daily window: '2:00/18:30', '2.00-18.30', '2-18:30'")
     sc.add_argument("--until", help="no run after this moment")
-    sc.add_argument("--cron", help="a cron expression: a periodic task (python-pq)")
+    sc.add_argument("--cron", help="a cron expression: a periodic task (python-pq); not with "
+                    "--repeat, --interval, --between, --until or the weekday flags")
     sc.add_argument("--key", help="tells several schedules of one task apart")
     sc.add_argument("--timezone", help="IANA time zone of the cron and the window")
     sc.add_argument("--queue")
-    sc.add_argument("--max-concurrent", type=int)
+    sc.add_argument("--max-concurrent", type=int,
+                    help="runs of this schedule that may be in progress at once (default 1)")
     sc.set_defaults(func=cmd_schedule)
 
     s = sub.add_parser("status", help="queue depths by state, workers, schedules")
@@ -378,8 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("prune", help="delete expired jobs now")
-    p.add_argument("--older-than", help="also delete finished jobs older than this ('7d')")
+    p.add_argument("--older-than", help="also delete succeeded and failed jobs that finished "
+                   "longer ago than this ('7d'), as delete-old-jobs does")
     p.set_defaults(func=cmd_prune)
+
+    dj = sub.add_parser("delete-old-jobs",
+                        help="delete succeeded and failed jobs that finished over a day ago "
+                             "(django-db-queue); cancelled ones expire with result_ttl")
+    dj.add_argument("--older-than", default="1d", help="age to delete from ('7d'; default 1d)")
+    dj.set_defaults(func=cmd_delete_old_jobs)
+
+    cj = sub.add_parser("create-job", help="create a multi-step job (django-db-queue); import "
+                        "its definition with -I or --app")
+    cj.add_argument("name", help="a name given to pq.define_job or pq.define_jobs")
+    cj.add_argument("--queue", help="default: the definition's queue, else the default queue")
+    cj.add_argument("--workspace", help='the initial workspace, a JSON object: \'{"key": "value"}\'')
+    cj.add_argument("--priority", type=int,
+                    help="django-db-queue's priority: 0 is the default, higher runs sooner")
+    cj.set_defaults(func=cmd_create_job)
+
+    qd = sub.add_parser("queue-depth", help="waiting (queued) jobs per queue (django-db-queue)")
+    qd.add_argument("queues", nargs="*",
+                    help="queues to show, 0 when none wait (default: every queue with waiting jobs)")
+    qd.set_defaults(func=cmd_queue_depth)
 
     m = sub.add_parser("migrate", help="create or upgrade the sqla_pq tables")
     m.add_argument("--revision", default="heads")
