@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     )
     from .execution.call import ClaimedJob, current_job
     from .flows import Flow, Group, MultiStepJob
+    from .metrics import JobMetric, PrometheusMetrics
     from .models import Job
     from .pq import PQ
     from .settings import Settings
@@ -51,6 +52,7 @@ _WHERE: dict[str, str] = {
     "current_session": ".atomic", "Backoff": ".enqueue", "Priority": ".enqueue",
     "Queue": ".enqueue", "ClaimedJob": ".execution.call", "current_job": ".execution.call",
     "Flow": ".flows", "Group": ".flows", "MultiStepJob": ".flows", "Job": ".models",
+    "JobMetric": ".metrics", "PrometheusMetrics": ".metrics",
     "PQ": ".pq", "Settings": ".settings", "JobStatus": ".states", "metadata": ".tables",
     **{name: ".errors" for name in _ERRORS},
 }
@@ -62,7 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PQ", "Backoff", "Cancel", "ClaimedJob", "DuplicateClientId", "Flow", "Group",
     "InvalidQueueName", "MultiStepJob",
-    "InvalidTimeSpec", "Job", "JobFailed", "JobNotFinished", "JobNotFound", "JobStatus",
+    "InvalidTimeSpec", "Job", "JobFailed", "JobMetric", "PrometheusMetrics", "JobNotFinished", "JobNotFound", "JobStatus",
     "JobTimeout", "PQError", "PayloadSignatureError", "PayloadTooLarge", "Priority", "Queue",
     "Retry", "SchemaMissing", "SerializationError", "Settings", "TaskNotAllowed",
     "TaskNotImportable", "current_job", "current_session", "metadata", "__version__",

@@ -104,6 +104,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pq, extra["call_wrapper"] = app.pq, app.job_scope
     else:
         pq = _pq(args)
+    if args.metrics_port is not None and not args.terminate:
+        _serve_metrics(pq, args)
     _freeze_startup_objects()
     if args.terminate:
         n = pq.terminate_workers(wait=True, timeout=args.wait)
@@ -128,6 +130,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     log.debug("processed %d jobs", processed)
     return 0
+
+
+def _serve_metrics(pq: Any, args: argparse.Namespace) -> None:
+    """Prometheus metrics of this worker's jobs, served from a thread of its process."""
+    from .metrics import PrometheusMetrics
+
+    prom = PrometheusMetrics(pq=pq if args.metrics_queue_counts else None)
+    pq.add_metrics_hook(prom)
+    prom.serve(args.metrics_port, args.metrics_addr)
+    log.info("*** Metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port)
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -400,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--terminate", action="store_true",
                    help="ask every worker to stop after its current jobs, and wait")
     w.add_argument("--wait", type=float, default=None, help="with --terminate: wait at most this long")
+    w.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics of this worker's jobs on this port "
+                        "(needs prometheus_client: pip install 'sqla_pq[prometheus]')")
+    w.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address the metrics are served on (default 127.0.0.1)")
+    w.add_argument("--metrics-queue-counts", action="store_true",
+                   help="with --metrics-port: also job counts per queue and status, read from "
+                        "the database at each scrape (enable it on one worker)")
     w.add_argument("--ini", help="a Pyramid app's ini file (development.ini, app.ini#main): load "
                    "the app and run each job in its registry and a transaction of its own")
     w.set_defaults(func=cmd_worker)

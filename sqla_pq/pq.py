@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from .flows import Flow, FlowView, Group, MultiStepJob
     from .messages import MessageQueue
+    from .metrics import MetricsHook
     from .models import Job, Schedule
     from .worker import Worker
 
@@ -179,6 +180,9 @@ class PQ:
         Core statements (an ORM insert would autoflush the caller's pending objects), which
         transaction managers that watch ORM events do not see; the Pyramid integration adds
         zope.sqlalchemy's ``mark_changed`` here."""
+        self.metrics_hooks: list[MetricsHook] = []
+        """Called by this PQ's workers with a :class:`~sqla_pq.metrics.JobMetric` per attempt
+        recorded (see :meth:`add_metrics_hook`)."""
 
     def __repr__(self) -> str:
         schema = f" schema={self.schema!r}" if self.schema else ""
@@ -912,6 +916,13 @@ class PQ:
         return store(self, request, update_existing=options.get("key") is not None)
 
     # -- workers -----------------------------------------------------------------------------------
+
+    def add_metrics_hook(self, hook: MetricsHook) -> MetricsHook:
+        """Have every worker built from now on call ``hook(metric)`` for each attempt it records
+        (a :class:`~sqla_pq.metrics.JobMetric`: task, queue, outcome, duration, wait).  Usable
+        as a decorator; :class:`~sqla_pq.metrics.PrometheusMetrics` is a ready one."""
+        self.metrics_hooks.append(hook)
+        return hook
 
     def worker(self, queues: Sequence[str] | str | None = None, **options: Any) -> Worker:
         """A worker (not yet running); ``poll_interval`` is python-pq's name of ``worker_ttl``,

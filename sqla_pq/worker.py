@@ -40,6 +40,7 @@ from .execution.call import ClaimedJob, Hooks, Outcome, run_crash_hooks
 from .execution.fork import ForkExecutor
 from .execution.thread import ThreadExecutor
 from .link import Link
+from .metrics import RECORDED_KINDS, HookRunner, JobMetric, MetricsHook
 from .notify import Listener
 from .record import Completed, complete_params, notify, record_outcomes
 from .serialization import describe_call
@@ -145,6 +146,7 @@ class Worker:
         call_wrapper: Callable[[ClaimedJob, Callable[[], Any]], Any] | None = None,
         fork_server: bool = False,
         fork_server_imports: Sequence[str] = (),
+        metrics_hooks: Sequence[MetricsHook] = (),
     ) -> None:
         if isolation not in ISOLATION_MODES:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, not {isolation!r}")
@@ -180,6 +182,8 @@ class Worker:
             handlers.insert(0, sentry)
         self.hooks = Hooks(pre_execute=pre_execute, post_execute=post_execute, exc_handlers=handlers)
         self.call_wrapper = call_wrapper
+        self.metrics = HookRunner([*pq.metrics_hooks, *metrics_hooks])
+        """Called with a :class:`~sqla_pq.metrics.JobMetric` per attempt, once recorded."""
         """Runs around each task call where the job runs (see ``ExecutionContext.call_wrapper``)."""
         self.fork_server = fork_server
         """Fork mode: jobs' processes are forked by a small fork server rather than by this
@@ -704,6 +708,8 @@ class Worker:
             self._db_error(exc, "recording outcomes")
             return
         self._db_ok()
+        if self.metrics:
+            self._emit_metrics(pending, stale)
         freed = self._serial_queues(pending)
         self._pending = []
         self._forget(pending)
@@ -729,6 +735,16 @@ class Worker:
             self._dispatch(claimed, batch, sent_at)
             if more:  # the claim ran before these became ready: look again
                 self._maybe_work = True
+
+    def _emit_metrics(self, outcomes: Sequence[Outcome], stale: set[int]) -> None:
+        """One metric per attempt just recorded (not the stale ones: another worker's
+        compare-and-set won, and that worker counts the job)."""
+        with self._lock:
+            held = [self._held.get(o.job_id) for o in outcomes]
+        self.metrics.emit(
+            JobMetric.of(job, o, self.id) for job, o in zip(held, outcomes)
+            if o.kind in RECORDED_KINDS and o.job_id not in stale
+        )
 
     def _give_back(self, outcomes: Sequence[Outcome]) -> dict[str, Any]:
         return {"ids": [o.job_id for o in outcomes], "attempt_list": [o.attempt for o in outcomes],

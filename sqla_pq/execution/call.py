@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import threading
+import time
 import traceback as tb_module
 import types
 from collections.abc import Callable, Sequence
@@ -148,6 +149,9 @@ class Outcome:
     committed: bool = False
     """The completion was already written inside the task's own transaction (atomic tasks)."""
     log_result: str | None = None
+    duration: float | None = None
+    """Seconds the attempt ran where it ran (hooks and the task).  For an attempt that could not
+    say (a crash, a kill), the executor fills in how long its process or thread ran."""
     crash: BaseException | None = field(default=None, repr=False)
     """For an attempt that ended without reporting (:func:`crash_outcome`): the exception the
     worker hands to the exception handlers and the failure hook, which could not run where
@@ -290,7 +294,9 @@ def call_task(func: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
 
 def execute(job: ClaimedJob, ctx: ExecutionContext, *, async_timeout: float | None = None) -> Outcome:
     """Run one attempt of ``job`` here and now, and say what became of it."""
+    started = time.perf_counter()
     outcome = _execute(job, ctx, async_timeout)
+    outcome.duration = time.perf_counter() - started
     outcome.queue = job.queue
     return outcome
 

@@ -438,7 +438,10 @@ class ForkExecutor:
             if pid == 0:
                 return False
         self._drain(child)
-        self._release(child, self._outcome_of(child, status))
+        outcome = self._outcome_of(child, status)
+        if outcome.duration is None:  # it died without saying: as long as its process lived
+            outcome.duration = max(0.0, time.monotonic() - child.started)
+        self._release(child, outcome)
         return True
 
     def _outcome_of(self, child: _Child, status: int | None) -> Outcome:

@@ -296,6 +296,13 @@ class ThreadExecutor:
         self.wake()
 
     def _run(self, job: ClaimedJob, slot: _Slot, timeout: float | None) -> Outcome:
+        started = time.perf_counter()
+        outcome = self._attempt(job, slot, timeout)
+        if outcome.duration is None and outcome.kind != "released":
+            outcome.duration = time.perf_counter() - started  # stopped: as long as it ran
+        return outcome
+
+    def _attempt(self, job: ClaimedJob, slot: _Slot, timeout: float | None) -> Outcome:
         try:
             outcome = execute(job, self.ctx, async_timeout=timeout)
         except LeaseLost:
