@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidOption, InvalidQueueName
+from .errors import InvalidOption, InvalidQueueName, TaskNotImportable
 from .serialization import EncodedCall, dumps_json, encode_call
 from .states import JobStatus
 from .tasks import TaskRef, check_allowed, registered_options, task_ref
@@ -185,6 +185,18 @@ class UniformSpecs(Sequence[JobSpec]):
         return spec
 
 
+def queue_for(func: Any, queue: str | None) -> str | None:
+    """Where ``pq.enqueue(func)`` puts a call that names no queue: the registered task's own
+    queue (``@pq.task(queue="emails")``), as ``func.delay()`` would; else the default."""
+    if queue is not None:
+        return queue
+    try:
+        options = registered_options(task_ref(func).name)
+    except TaskNotImportable:
+        return None  # building the job says what is wrong with func
+    return options.queue if options is not None else None
+
+
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Separate the reserved options from the task's own keyword arguments."""
     options = {k: kwargs[k] for k in kwargs if k in RESERVED_OPTIONS}
@@ -283,6 +295,11 @@ class Queue:
 
         if run_at is not None and schedule_at is not None:
             raise InvalidOption("give run_at or schedule_at, not both (they are the same option)")
+        td = task_defaults
+        if td is not None and run_at is None and schedule_at is None:
+            run_at = td.extra.get("run_at")  # @pq.task(schedule_at="1h"); a call's own wins
+        if td is not None and expected_at is None:
+            expected_at = td.extra.get("expected_at")
         when = parse_when(run_at if run_at is not None else schedule_at, what="run_at")
         expected = parse_when(expected_at, what="expected_at") if expected_at is not None else None
 
@@ -292,7 +309,6 @@ class Queue:
                     return v
             return None
 
-        td = task_defaults
         prio = pick(priority, td and td.priority, self.priority, Priority.NORMAL)
         if isinstance(prio, bool) or not isinstance(prio, int) or not -32768 <= prio <= 32767:
             raise InvalidOption(f"priority must be an int from -32768 to 32767, not {prio!r}")
@@ -330,7 +346,7 @@ class Queue:
             timeout=timeout_s,
             result_ttl=ttl,
             client_id=client_id,
-            serial=self.serial,
+            serial=self.serial or bool(td and td.serial),
             flow_id=flow_id,
             parents=parents,
             on_parent_failure=on_parent_failure,

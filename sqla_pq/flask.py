@@ -53,6 +53,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ._frameworks import SETTING_NAMES, ForkGuard, check_known, settings_from
+from .enqueue import queue_for
 from .errors import ConfigurationError
 from .pq import PQ
 from .tasks import TaskFunction, TaskOptions, check_task_options, register
@@ -211,10 +212,10 @@ class FlaskPQ:
                               **defaults)
 
     def enqueue(self, func: Any, *args: Any, **kwargs: Any) -> Job:
-        """Enqueue in the app's session, on the default queue (``queue=`` picks another); see
-        :meth:`sqla_pq.Queue.enqueue`.  Commit the session (``db.session.commit()``) to keep
-        the job."""
-        queue_name = kwargs.pop("queue", None)
+        """Enqueue in the app's session, on the task's queue or the default one (``queue=``
+        picks another); see :meth:`sqla_pq.Queue.enqueue`.  Commit the session
+        (``db.session.commit()``) to keep the job."""
+        queue_name = queue_for(func, kwargs.pop("queue", None))
         session = kwargs.pop("session", None)
         return self.queue(queue_name, session=session).enqueue(func, *args, **kwargs)
 
@@ -222,8 +223,8 @@ class FlaskPQ:
                      kwargs: Mapping[str, Any] | None = None, *, queue: str | None = None,
                      session: Session | None = None, **options: Any) -> Job:
         """:meth:`enqueue` with the task's arguments and the job's options kept apart."""
-        return self.queue(queue, session=session).enqueue_call(func, args=args, kwargs=kwargs,
-                                                               **options)
+        return self.queue(queue_for(func, queue), session=session).enqueue_call(
+            func, args=args, kwargs=kwargs, **options)
 
     def enqueue_many(self, calls: Iterable[Any], *, queue: str | None = None,
                      session: Session | None = None, **options: Any) -> Sequence[Job]:

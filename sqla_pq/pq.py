@@ -30,7 +30,7 @@ from .db import (
     run_raw,
     translating_schema_errors,
 )
-from .enqueue import JobSpec, Queue, split_options
+from .enqueue import JobSpec, Queue, queue_for, split_options
 from .errors import (
     ConfigurationError,
     DuplicateClientId,
@@ -295,16 +295,17 @@ class PQ:
         return Queue(self, name, session=session, serial=serial, is_async=is_async, **defaults)
 
     def enqueue(self, func: Any, *args: Any, **kwargs: Any) -> Job:
-        """Enqueue on the default queue (``queue=`` picks another); see :meth:`Queue.enqueue`."""
-        queue_name = kwargs.pop("queue", None)
+        """Enqueue on the task's queue (``@pq.task(queue=...)``) or the default one; ``queue=``
+        picks another.  See :meth:`Queue.enqueue`."""
+        queue_name = queue_for(func, kwargs.pop("queue", None))
         session = kwargs.pop("session", None)
         return self.queue(queue_name, session=session).enqueue(func, *args, **kwargs)
 
     def enqueue_call(self, func: Any, args: Sequence[Any] = (), kwargs: Any = None,
                      *, queue: str | None = None, session: Session | None = None,
                      **options: Any) -> Job:
-        return self.queue(queue, session=session).enqueue_call(func, args=args, kwargs=kwargs,
-                                                               **options)
+        return self.queue(queue_for(func, queue), session=session).enqueue_call(
+            func, args=args, kwargs=kwargs, **options)
 
     def enqueue_many(self, calls: Iterable[Any], *, queue: str | None = None,
                      session: Session | None = None, **options: Any) -> Sequence[Job]:
@@ -315,7 +316,7 @@ class PQ:
         """Insert a job, or replace the pending (or finished) job with this ``client_id``
         (debounce: only the latest call runs).  A running job is left alone: the new call is
         queued beside it and the running one keeps its ``client_id`` in ``meta``."""
-        queue_name = kwargs.pop("queue", None)
+        queue_name = queue_for(func, kwargs.pop("queue", None))
         session = kwargs.pop("session", None)
         options, task_kwargs = split_options(kwargs)
         q = self.queue(queue_name, session=session)

@@ -320,34 +320,19 @@ class TaskFunction(Generic[P, R]):
         for key in list(kwargs):
             if key.startswith("_") and key[1:] in _UNDERSCORE_OPTIONS:
                 options[_UNDERSCORE_OPTIONS[key[1:]]] = kwargs.pop(key)
-        given = {**kwargs, **options}
         queue = self._queue(options.pop("queue", None), options.pop("session", None))
-        return queue.enqueue(self, *args, **{**kwargs, **options, **self._time_defaults(given)})
+        return queue.enqueue(self, *args, **{**kwargs, **options})
 
     push = delay  # pgtq's name
 
     def enqueue_call(self, args: Any = (), kwargs: Any = None, **options: Any) -> Job:
         queue = self._queue(options.pop("queue", None), options.pop("session", None))
-        return queue.enqueue_call(self, args=args, kwargs=kwargs,
-                                  **{**options, **self._time_defaults(options)})
-
-    def _time_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
-        """The task's ``run_at``/``expected_at`` (``@pq.task(schedule_at=...)``) where this call
-        gives none: a call's own time always wins."""
-        defaults: dict[str, Any] = {}
-        run_at = self.options.extra.get("run_at")
-        if run_at is not None and given.get("run_at") is None and given.get("schedule_at") is None:
-            defaults["run_at"] = run_at
-        expected_at = self.options.extra.get("expected_at")
-        if expected_at is not None and given.get("expected_at") is None:
-            defaults["expected_at"] = expected_at
-        return defaults
+        return queue.enqueue_call(self, args=args, kwargs=kwargs, **options)
 
     def _queue(self, name: str | None, session: Any) -> Any:
-        """The task's queue; ``serial=True`` marks its jobs serial (one running at a time among
-        the serial jobs of that queue)."""
-        serial = {"serial": True} if self.options.serial else {}
-        return self.pq.queue(name or self.options.queue, session=session, **serial)
+        """The task's queue.  Its other defaults (``serial``, ``schedule_at``, retries...) are
+        applied by ``Queue.build``, whichever way the task is enqueued."""
+        return self.pq.queue(name or self.options.queue, session=session)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

@@ -126,3 +126,27 @@ def test_a_serial_task_enqueues_serial_jobs(pq):
     assert one_at_a_time.enqueue_call().serial is True
     assert one_at_a_time.delay(_queue="other").serial is True
     assert any_time.delay().serial is False
+
+
+def test_pq_enqueue_of_a_task_uses_its_queue_and_defaults_like_delay(pq, engine):
+    """pq.enqueue(task) and task.delay() make the same job: the task's queue, serial flag,
+    schedule_at and expected_at, unless the call says otherwise."""
+    from tests.helpers import scalar
+
+    @pq.task(name="tests.identity.report", queue="reports", serial=True, schedule_at="1h",
+             expected_at="2h", priority=70)
+    def report(n: int) -> int:
+        return n
+
+    now = scalar(engine, "SELECT now()")
+    for job in (pq.enqueue(report, 1), pq.enqueue_call(report, [1]),
+                pq.enqueue("tests.identity.report", 1), report.delay(1),
+                pq.upsert(report, 1, client_id="r-1")):
+        assert (job.queue, job.serial, job.priority) == ("reports", True, 70)
+        assert dt.timedelta(minutes=59) < job.run_at - now < dt.timedelta(minutes=61)
+        assert job.expected_at is not None
+    own = pq.enqueue(report, 2, queue="adhoc", run_at="10s")
+    assert own.queue == "adhoc" and own.run_at - now < dt.timedelta(minutes=1)
+    assert pq.queue("batch").enqueue(report, 3).queue == "batch"  # a Queue object is explicit
+    plain = pq.enqueue(tasks.add, 1, 2)
+    assert (plain.queue, plain.serial) == ("default", False)
