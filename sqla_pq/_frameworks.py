@@ -22,7 +22,7 @@ SETTING_NAMES: tuple[str, ...] = tuple(
 )
 """The :class:`~sqla_pq.settings.Settings` fields a framework's configuration may set."""
 
-_LISTS = ("allowed_tasks", "secret_keys")
+_LISTS = ("allowed_tasks", "secret_keys", "serial_queues")
 
 
 def settings_from(values: Mapping[str, Any]) -> Settings:

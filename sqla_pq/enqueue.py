@@ -243,7 +243,9 @@ class Queue:
         self.pq = pq
         self.name = check_queue_name(name or pq.settings.default_queue)
         self.session = session
-        self.serial = bool(serial) if serial is not None else self.name == "serial"
+        self.serial = (
+            bool(serial) if serial is not None else self.name in pq.settings.serial_queues
+        )
         self.is_async = is_async
         self.timeout = timeout
         self.result_ttl = result_ttl

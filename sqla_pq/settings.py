@@ -67,6 +67,10 @@ class Settings:
     ``plan_cache_mode``), which would stick to server connections other clients then get.
     Pair it with ``listen_url`` (notifications do not pass such a pooler)."""
     default_queue: str = "default"
+    serial_queues: tuple[str, ...] = ("serial",)
+    """Queues whose every job is serial, however it is enqueued (``pq.enqueue(f,
+    queue="reports")`` included): at most one of their jobs runs at a time.  Give every
+    process that enqueues the same list (``SQLA_PQ_SERIAL_QUEUES=serial,reports``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,11 +107,10 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "secret_keys" in values:
             values["secret_keys"] = _keys(values["secret_keys"])
-        if "allowed_tasks" in values:
-            allowed = values["allowed_tasks"]
-            values["allowed_tasks"] = (
-                (allowed,) if isinstance(allowed, str) else tuple(allowed)
-            )
+        for name in ("allowed_tasks", "serial_queues"):
+            if name in values:
+                listed = values[name]
+                values[name] = (listed,) if isinstance(listed, str) else tuple(listed)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigurationError(f"unknown sqla_pq settings: {', '.join(sorted(unknown))}")
@@ -143,7 +146,7 @@ def _keys(value: Any) -> tuple[bytes, ...]:
 
 
 def _coerce(name: str, raw: str) -> Any:
-    if name in ("secret_keys", "allowed_tasks"):
+    if name in ("secret_keys", "allowed_tasks", "serial_queues"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if name in ("schema", "default_queue", "listen_url"):
         return raw

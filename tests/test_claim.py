@@ -91,6 +91,21 @@ def test_a_serial_queue_gives_one_job_and_none_while_one_runs(pq, engine):
     assert [j.id for j in claim(pq, ["serial"], 10)] == [ids[1]]
 
 
+def test_serial_queues_setting_makes_every_job_of_those_queues_serial_however_enqueued(Session):
+    from sqla_pq import PQ
+
+    pq = PQ(Session, serial_queues=["reports", "serial"])
+    jobs = [pq.enqueue(tasks.add, 1, 1, queue="reports"),
+            pq.queue("reports").enqueue(tasks.add, 2, 2),
+            pq.enqueue_many([(tasks.add, (3, 3))], queue="reports")[0]]
+    assert all(j.serial for j in jobs)
+    assert not pq.enqueue(tasks.add, 1, 1, queue="other").serial
+    assert not pq.queue("reports", serial=False).enqueue(tasks.add, 1, 1).serial  # explicit wins
+    got = claim(pq, ["reports"], 10)
+    assert [j.id for j in got] == [jobs[0].id], "one job of a serial queue at a time"
+    assert claim(pq, ["reports"], 10) == []
+
+
 def test_the_database_refuses_a_second_running_job_of_a_serial_queue(pq, engine):
     """Two claims racing: the unique index turns the loser's claim into an error."""
     q = pq.queue("s", serial=True)

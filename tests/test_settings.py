@@ -17,6 +17,10 @@ def test_environment_then_keywords_override():
                            "SQLA_PQ_ALLOWED_TASKS": "a.b, c"}, worker_ttl=5)
     assert s.result_ttl == 60 and s.worker_ttl == 5
     assert s.secret_keys == (b"k1", b"k2") and s.allowed_tasks == ("a.b", "c")
+    assert Settings.from_env({}).serial_queues == ("serial",), "django-pq's serial queue"
+    assert Settings.from_env({"SQLA_PQ_SERIAL_QUEUES": "serial, reports"}).serial_queues == (
+        "serial", "reports")
+    assert Settings.from_env({}, serial_queues="reports").serial_queues == ("reports",)
 
 
 def test_bad_settings_say_what_is_wrong():
