@@ -71,7 +71,8 @@ class AtomicRunner:
         except StaleAttempt as exc:
             from .execution.call import Outcome
 
-            return Outcome(job.id, job.attempts, "succeeded", committed=True, error=str(exc))
+            return Outcome(job.id, job.attempts, "succeeded", committed=True, stale=True,
+                           error=str(exc))
         except Exception as exc:
             if not is_connection_lost(exc):
                 raise

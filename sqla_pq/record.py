@@ -88,7 +88,7 @@ def record_outcomes(
 
     for o in outcomes:
         if o.committed:
-            done.succeeded.append(o.job_id)
+            (done.stale if o.stale else done.succeeded).append(o.job_id)
             continue
         if o.kind == "succeeded":
             continue

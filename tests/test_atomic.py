@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from sqla_pq import current_session, queries
 from sqla_pq.atomic import AtomicRunner
 from sqla_pq.execution.call import ClaimedJob
+from sqla_pq.record import record_outcomes
 from sqla_pq.testing import drain
 from tests.helpers import scalar
 
@@ -61,6 +62,9 @@ def test_an_attempt_that_lost_its_job_rolls_its_writes_back(pq, engine, atomic_t
     assert outcome.committed and "rolled back" in (outcome.error or "")
     assert scalar(engine, "SELECT count(*) FROM test_users") == 0
     assert pq.get_job(job.id).status == "running"
+    with pq._cursor() as runner:  # what the worker then does with it: nothing, reported stale
+        done = record_outcomes(runner, [outcome], failure_ttl=60)
+    assert done.stale == [job.id] and done.succeeded == []
 
 
 def test_current_session_outside_an_atomic_task_says_how_to_get_one():

@@ -148,6 +148,9 @@ class Outcome:
     queue: str | None = None
     committed: bool = False
     """The completion was already written inside the task's own transaction (atomic tasks)."""
+    stale: bool = False
+    """With ``committed``: that transaction found the job taken from this attempt (rescued) and
+    rolled back; nothing of the attempt is recorded, nor logged or counted as a success."""
     log_result: str | None = None
     duration: float | None = None
     """Seconds the attempt ran where it ran (hooks and the task).  For an attempt that could not
