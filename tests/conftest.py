@@ -153,6 +153,19 @@ def url_str(db_url: URL) -> str:
 
 
 @pytest.fixture
+def cli(url_str: str, capsys: pytest.CaptureFixture[str]):
+    """``sqla-pq ARGS...`` on the test's database, in this process: (exit code, output)."""
+    from sqla_pq.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["--url", url_str, *args])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    return run
+
+
+@pytest.fixture
 def engine(db_url: URL) -> Iterator[sa.Engine]:
     from sqla_pq.db import create_engine
 

@@ -13,16 +13,6 @@ from sqla_pq.testing import drain
 from tests import tasks
 
 
-@pytest.fixture
-def cli(url_str, capsys):
-    def run(*args: str) -> tuple[int, str]:
-        code = main(["--url", url_str, *args])
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
-    return run
-
-
 def test_enqueue_parses_json_arguments_and_options(cli, pq):
     code, out = cli("enqueue", "tests.tasks.echo", "5", "hello", "[1,2]", "--queue", "cli",
                     "--timeout", "10", "--run-at", "5m", "--kwargs", '{"k": true}')

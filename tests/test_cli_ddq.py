@@ -9,19 +9,8 @@ import sys
 import pytest
 
 from sqla_pq import Priority
-from sqla_pq.cli import main
 from sqla_pq.testing import drain
 from tests import tasks
-
-
-@pytest.fixture
-def cli(url_str, capsys):
-    def run(*args: str) -> tuple[int, str]:
-        code = main(["--url", url_str, *args])
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
-    return run
 
 
 def finished_ago(engine, job_id: int, interval: str) -> None:
