@@ -134,11 +134,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _serve_metrics(pq: Any, args: argparse.Namespace) -> None:
     """Prometheus metrics of this worker's jobs, served from a thread of its process."""
+    from .errors import ConfigurationError
     from .metrics import PrometheusMetrics
 
     prom = PrometheusMetrics(pq=pq if args.metrics_queue_counts else None)
     pq.add_metrics_hook(prom)
-    prom.serve(args.metrics_port, args.metrics_addr)
+    try:
+        prom.serve(args.metrics_port, args.metrics_addr)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}"
+                                 f" ({exc.strerror or exc}): pick another --metrics-port") from None
     log.info("*** Metrics on http://%s:%d/metrics", args.metrics_addr, args.metrics_port)
 
 

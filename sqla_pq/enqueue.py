@@ -197,6 +197,20 @@ def queue_for(func: Any, queue: str | None) -> str | None:
     return options.queue if options is not None else None
 
 
+def queue_for_calls(calls: Sequence[Any], queue: str | None) -> str | None:
+    """:func:`queue_for` of a bulk enqueue: the task's queue when every call is of tasks that
+    share one (else the default queue, or the ``queue=`` given)."""
+    if queue is not None or not calls:
+        return queue
+    try:
+        funcs = {call if callable(call) or isinstance(call, str) else tuple(call)[0]
+                 for call in calls}
+    except (TypeError, IndexError):  # unhashable or malformed: Queue.enqueue_many says what
+        return None
+    queues = {queue_for(func, None) for func in funcs}
+    return queues.pop() if len(queues) == 1 else None
+
+
 def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Separate the reserved options from the task's own keyword arguments."""
     options = {k: kwargs[k] for k in kwargs if k in RESERVED_OPTIONS}

@@ -53,7 +53,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ._frameworks import SETTING_NAMES, ForkGuard, check_known, settings_from
-from .enqueue import queue_for
+from .enqueue import queue_for, queue_for_calls
 from .errors import ConfigurationError
 from .pq import PQ
 from .tasks import TaskFunction, TaskOptions, check_task_options, register
@@ -229,7 +229,9 @@ class FlaskPQ:
     def enqueue_many(self, calls: Iterable[Any], *, queue: str | None = None,
                      session: Session | None = None, **options: Any) -> Sequence[Job]:
         """Bulk enqueue in the app's session; see :meth:`sqla_pq.Queue.enqueue_many`."""
-        return self.queue(queue, session=session).enqueue_many(calls, **options)
+        calls = list(calls)
+        return self.queue(queue_for_calls(calls, queue), session=session).enqueue_many(
+            calls, **options)
 
     def get_job(self, job_id: int) -> Job:
         """The job with this id (``pq.core.get_job``)."""

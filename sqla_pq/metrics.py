@@ -43,15 +43,17 @@ class JobMetric:
     outcome: str
     """``succeeded``, ``failed`` (for good), ``retry`` (failed, will run again),
     ``cancelled``, ``step`` (one task of a multi-step job), ``interrupted`` (the worker stopped
-    it; back in the queue) or ``fenced`` (its worker lost the lease; back in the queue)."""
+    it; back in the queue, or failed once ``max_interruptions`` is reached) or ``fenced`` (its
+    worker lost the lease; back in the queue unless the rescuer had already taken it)."""
     attempt: int
     duration: float | None
     """Seconds the attempt ran, measured where it ran (for a crash or a kill, by the worker:
     how long its process lived); None when the worker gave the job back without hearing from
     it (an abort that a blocking call did not let land)."""
     wait: float | None
-    """Seconds from when the job was due (``run_at``) to its claim, on the database's clock:
-    how far behind the workers are."""
+    """Seconds from the job's ``run_at`` to its claim, on the database's clock: how far behind
+    the workers are.  A job that waited for parents (``depends_on``, a flow's later step) keeps
+    the ``run_at`` of its enqueue, so its wait includes the parents' run."""
     worker: str
     error: str | None = None
 

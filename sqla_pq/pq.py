@@ -30,7 +30,7 @@ from .db import (
     run_raw,
     translating_schema_errors,
 )
-from .enqueue import JobSpec, Queue, queue_for, split_options
+from .enqueue import JobSpec, Queue, queue_for, queue_for_calls, split_options
 from .errors import (
     ConfigurationError,
     DuplicateClientId,
@@ -310,7 +310,9 @@ class PQ:
     def enqueue_many(self, calls: Iterable[Any], *, queue: str | None = None,
                      session: Session | None = None, **options: Any) -> Sequence[Job]:
         """Bulk enqueue in one statement; see :meth:`Queue.enqueue_many`."""
-        return self.queue(queue, session=session).enqueue_many(calls, **options)
+        calls = list(calls)
+        return self.queue(queue_for_calls(calls, queue), session=session).enqueue_many(
+            calls, **options)
 
     def upsert(self, func: Any, *args: Any, client_id: str, **kwargs: Any) -> Job:
         """Insert a job, or replace the pending (or finished) job with this ``client_id``
@@ -792,7 +794,9 @@ class PQ:
         """Enqueue several jobs at once (fan-out); ``depends_on=group`` waits for them all."""
         from .flows import Group
 
-        return Group(list(self.queue(queue, session=session).enqueue_many(calls, **options)))
+        calls = list(calls)
+        return Group(list(self.queue(queue_for_calls(calls, queue), session=session)
+                          .enqueue_many(calls, **options)))
 
     def define_job(self, name: str, tasks: Sequence[Any], **options: Any) -> MultiStepJob:
         """django-db-queue's job: ``tasks`` (import paths or callables) run in order, each given
@@ -840,7 +844,8 @@ class PQ:
 
         request = periodic_request(
             self, func, run_every=run_every, cron=cron, key=key, max_concurrent=max_concurrent,
-            active=active, timezone=timezone, queue=queue, priority=priority, args=args,
+            active=active, timezone=timezone, queue=queue_for(func, queue), priority=priority,
+            args=args,
             kwargs=kwargs, job_options=job_options,
         )
         return store(self, request, update_existing=True)

@@ -52,7 +52,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from ._frameworks import SETTING_NAMES, ForkGuard, check_known, settings_from
-from .enqueue import queue_for
+from .enqueue import queue_for, queue_for_calls
 from .errors import ConfigurationError
 from .pq import PQ
 
@@ -201,7 +201,9 @@ class RequestPQ:
     def enqueue_many(self, calls: Iterable[Any], *, queue: str | None = None,
                      session: Session | None = None, **options: Any) -> Sequence[Job]:
         """Bulk enqueue in the request's transaction; see :meth:`sqla_pq.Queue.enqueue_many`."""
-        return self.queue(queue, session=session).enqueue_many(calls, **options)
+        calls = list(calls)
+        return self.queue(queue_for_calls(calls, queue), session=session).enqueue_many(
+            calls, **options)
 
     def get_job(self, job_id: int) -> Job:
         """The job with this id."""

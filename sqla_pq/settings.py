@@ -73,6 +73,14 @@ class Settings:
     process that enqueues the same list (``SQLA_PQ_SERIAL_QUEUES=serial,reports``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("allowed_tasks", "serial_queues"):  # one name is a list of one, not letters
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, (value,))
+            elif not isinstance(value, tuple):
+                setattr(self, name, tuple(value))
+
     @property
     def lease_seconds(self) -> float:
         return self.lease if self.lease is not None else 3 * self.heartbeat
@@ -107,10 +115,6 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "secret_keys" in values:
             values["secret_keys"] = _keys(values["secret_keys"])
-        for name in ("allowed_tasks", "serial_queues"):
-            if name in values:
-                listed = values[name]
-                values[name] = (listed,) if isinstance(listed, str) else tuple(listed)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigurationError(f"unknown sqla_pq settings: {', '.join(sorted(unknown))}")

@@ -182,9 +182,9 @@ class Worker:
             handlers.insert(0, sentry)
         self.hooks = Hooks(pre_execute=pre_execute, post_execute=post_execute, exc_handlers=handlers)
         self.call_wrapper = call_wrapper
+        """Runs around each task call where the job runs (see ``ExecutionContext.call_wrapper``)."""
         self.metrics = HookRunner([*pq.metrics_hooks, *metrics_hooks])
         """Called with a :class:`~sqla_pq.metrics.JobMetric` per attempt, once recorded."""
-        """Runs around each task call where the job runs (see ``ExecutionContext.call_wrapper``)."""
         self.fork_server = fork_server
         """Fork mode: jobs' processes are forked by a small fork server rather than by this
         (SQLAlchemy-sized) process, which makes each fork several times cheaper.  The job
@@ -360,8 +360,10 @@ class Worker:
             self._give_back_running()
         else:
             self.executor.wait_idle(0.0)
-        for outcome in self.executor.collect():
-            self._pending.append(outcome)
+        late = self.executor.collect()
+        if late:  # a job that ended after all replaces the interruption given for it
+            ended = {o.job_id for o in late}
+            self._pending = [o for o in self._pending if o.job_id not in ended] + late
         if self._pending:
             self._flush(claim=False, final=True)
         if self.install_signals:
@@ -708,8 +710,7 @@ class Worker:
             self._db_error(exc, "recording outcomes")
             return
         self._db_ok()
-        if self.metrics:
-            self._emit_metrics(pending, stale)
+        metrics = self._metrics_of(pending, stale) if self.metrics else ()
         freed = self._serial_queues(pending)
         self._pending = []
         self._forget(pending)
@@ -735,16 +736,21 @@ class Worker:
             self._dispatch(claimed, batch, sent_at)
             if more:  # the claim ran before these became ready: look again
                 self._maybe_work = True
+        if metrics:  # after the dispatch: hooks must not hold up jobs whose leases run
+            self.metrics.emit(metrics)
 
-    def _emit_metrics(self, outcomes: Sequence[Outcome], stale: set[int]) -> None:
+    def _metrics_of(self, outcomes: Sequence[Outcome], stale: set[int]) -> list[JobMetric]:
         """One metric per attempt just recorded (not the stale ones: another worker's
-        compare-and-set won, and that worker counts the job)."""
-        with self._lock:
-            held = [self._held.get(o.job_id) for o in outcomes]
-        self.metrics.emit(
-            JobMetric.of(job, o, self.id) for job, o in zip(held, outcomes)
-            if o.kind in RECORDED_KINDS and o.job_id not in stale
-        )
+        compare-and-set won, and that worker counts the job).  Never raises: metrics must not
+        keep a claimed batch from being dispatched."""
+        try:
+            with self._lock:
+                held = [self._held.get(o.job_id) for o in outcomes]
+            return [JobMetric.of(job, o, self.id) for job, o in zip(held, outcomes)
+                    if o.kind in RECORDED_KINDS and o.job_id not in stale]
+        except Exception:  # noqa: BLE001
+            log.exception("could not build the metrics of %d outcome(s)", len(outcomes))
+            return []
 
     def _give_back(self, outcomes: Sequence[Outcome]) -> dict[str, Any]:
         return {"ids": [o.job_id for o in outcomes], "attempt_list": [o.attempt for o in outcomes],

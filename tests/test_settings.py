@@ -21,6 +21,10 @@ def test_environment_then_keywords_override():
     assert Settings.from_env({"SQLA_PQ_SERIAL_QUEUES": "serial, reports"}).serial_queues == (
         "serial", "reports")
     assert Settings.from_env({}, serial_queues="reports").serial_queues == ("reports",)
+    # a single name is a list of one, however the settings are made (not its letters)
+    assert Settings(serial_queues="reports").serial_queues == ("reports",)  # type: ignore[arg-type]
+    assert Settings().replace(allowed_tasks="app").allowed_tasks == ("app",)
+    assert Settings(serial_queues=["a", "b"]).serial_queues == ("a", "b")  # type: ignore[arg-type]
 
 
 def test_bad_settings_say_what_is_wrong():

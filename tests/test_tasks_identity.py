@@ -150,3 +150,16 @@ def test_pq_enqueue_of_a_task_uses_its_queue_and_defaults_like_delay(pq, engine)
     assert pq.queue("batch").enqueue(report, 3).queue == "batch"  # a Queue object is explicit
     plain = pq.enqueue(tasks.add, 1, 2)
     assert (plain.queue, plain.serial) == ("default", False)
+
+
+def test_bulk_and_periodic_enqueue_of_a_task_use_its_queue(pq):
+    @pq.task(name="tests.identity.bulk", queue="bulk")
+    def bulk(n: int) -> int:
+        return n
+
+    assert {j.queue for j in pq.enqueue_many([(bulk, (i,)) for i in range(3)])} == {"bulk"}
+    assert {j.queue for j in pq.group([(bulk, (1,)), (bulk, (2,))]).jobs} == {"bulk"}
+    mixed = pq.enqueue_many([(bulk, (1,)), (tasks.add, (1, 2))])
+    assert {j.queue for j in mixed} == {"default"}, "tasks of different queues: the default"
+    assert pq.schedule(bulk, "1h", args=[1]).queue == "bulk"
+    assert pq.schedule(bulk, "1h", key="elsewhere", queue="other", args=[1]).queue == "other"

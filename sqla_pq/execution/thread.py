@@ -289,6 +289,8 @@ class ThreadExecutor:
         with self._lock:
             _drop_pending_stop()
             outcome = turn.outcome if turn.outcome is not None else _stopped_outcome(slot)
+            if outcome.duration is None:  # stopped before it reported: as long as it ran
+                outcome.duration = time.monotonic() - slot.started
             self._outcomes.append(outcome)  # before the slot frees: idle implies collectable
             self._slots.pop(slot.job.id, None)
             self._submitted -= 1
@@ -296,13 +298,6 @@ class ThreadExecutor:
         self.wake()
 
     def _run(self, job: ClaimedJob, slot: _Slot, timeout: float | None) -> Outcome:
-        started = time.perf_counter()
-        outcome = self._attempt(job, slot, timeout)
-        if outcome.duration is None and outcome.kind != "released":
-            outcome.duration = time.perf_counter() - started  # stopped: as long as it ran
-        return outcome
-
-    def _attempt(self, job: ClaimedJob, slot: _Slot, timeout: float | None) -> Outcome:
         try:
             outcome = execute(job, self.ctx, async_timeout=timeout)
         except LeaseLost:
