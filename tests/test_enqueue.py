@@ -298,17 +298,37 @@ def test_a_plain_enqueue_sends_only_its_set_columns_and_the_row_equals_the_retur
     plain = pq.enqueue(tasks.add, 1, 2)
     delayed = pq.enqueue(tasks.add, 1, 2, run_at=dt.timedelta(seconds=30))
     keyed = pq.enqueue(tasks.add, 1, 2, client_id="keyed")
-    assert len(sent) == 3
     assert "ON CONFLICT" not in sent[0] and "ON CONFLICT" not in sent[1]
     assert "ON CONFLICT" in sent[2]
     columns = sent[0].split("VALUES")[0]
-    for absent in ("client_id", "payload", "flow_id", "meta", "run_at", "expected_at"):
-        assert absent not in columns, absent
+    for absent in ("client_id", "payload", "flow_id", "meta", "run_at", "expected_at",
+                   "status", "priority", "encoding", "max_retries", "result_ttl", "serial",
+                   "waiting_on", "on_parent_failure", "max_interruptions"):
+        assert absent not in columns, absent  # NULL, or the server's default: not sent
     assert "run_at" in sent[1].split("VALUES")[0]
-    for job in (plain, delayed, keyed):
+    odd = pq.queue("odd", serial=True).enqueue_call(tasks.add, (1, 2), priority=51,
+                                                     max_retries=1, result_ttl=-1,
+                                                     max_interruptions=0)
+    assert all(c in sent[3].split("VALUES")[0] for c in (
+        "priority", "max_retries", "result_ttl", "serial", "max_interruptions"))
+    assert len(sent) == 4
+    for job in (plain, delayed, keyed, odd):
         stored = pq.get_job(job.id)
         for column in job_table.columns:
             assert getattr(stored, column.key) == getattr(job, column.key), column.key
+
+
+def test_the_defaults_an_insert_leaves_out_are_the_tables_server_defaults():
+    """queries.INSERT_SERVER_DEFAULTS must say what pq_job's server defaults say, or a job
+    enqueued with such a value would be stored with another."""
+    from sqla_pq.queries import INSERT_SERVER_DEFAULTS
+    from sqla_pq.tables import job_table
+
+    for name, value in INSERT_SERVER_DEFAULTS.items():
+        default = job_table.c[name].server_default
+        assert default is not None, name
+        text = str(getattr(default.arg, "text", default.arg))
+        assert text == str(value).lower() if isinstance(value, bool) else text == str(value), name
 
 
 def test_job_methods_take_the_job_enqueue_returned_as_well_as_its_id(pq):
