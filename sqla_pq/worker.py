@@ -1029,13 +1029,19 @@ def _sentry_handler() -> Callable[..., Any] | None:
     except ImportError:
         log.warning("SENTRY_DSN is set but sentry_sdk is not installed; pip install sentry-sdk")
         return None
-    if not sentry_sdk.Hub.current.client:  # type: ignore[attr-defined]
+    new_scope = getattr(sentry_sdk, "new_scope", None)  # sentry-sdk 2; 1.x has push_scope
+    if new_scope is not None:
+        active = sentry_sdk.get_client().is_active()
+    else:  # pragma: no cover - sentry-sdk 1.x
+        active = bool(sentry_sdk.Hub.current.client)  # type: ignore[attr-defined]
+        new_scope = sentry_sdk.push_scope  # type: ignore[attr-defined]
+    if not active:
         sentry_sdk.init(dsn=dsn)
 
     owner = os.getpid()  # the worker: its SDK sends in the background, the loop must not wait
 
     def report(job: ClaimedJob, exc_type: Any, exc_value: BaseException, tb: Any) -> bool:
-        with sentry_sdk.push_scope() as scope:  # type: ignore[attr-defined]
+        with new_scope() as scope:
             scope.set_tag("sqla_pq.queue", job.queue)
             scope.set_extra("job_id", job.id)
             scope.set_extra("task", job.task)
