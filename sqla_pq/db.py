@@ -126,6 +126,11 @@ def psycopg2_dsn(engine_or_url: Engine | URL | str, *, application_name: str | N
     return kwargs
 
 
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver's error: psycopg2 calls it ``pgcode``, psycopg 3 ``sqlstate``."""
+    return getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when the database went away (restart, terminate, network), as opposed to a bad
     statement: the caller should reconnect and retry."""
@@ -133,7 +138,7 @@ def is_connection_error(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         orig = exc.orig
-        pgcode = getattr(orig, "pgcode", None)
+        pgcode = sqlstate(orig)
         if pgcode and pgcode[:2] in ("08", "57"):  # connection exception, operator intervention
             return True
         name = type(orig).__name__
@@ -145,7 +150,7 @@ def is_connection_lost(exc: BaseException) -> bool:
     """Narrower than :func:`is_connection_error`: the connection itself went away (class 08,
     a server shutdown, an invalidated connection), not a statement cancelled by
     ``statement_timeout`` or an operator (57014), which is the statement's own failure."""
-    pgcode = getattr(getattr(exc, "orig", None), "pgcode", None)
+    pgcode = sqlstate(getattr(exc, "orig", None))
     if pgcode:
         return pgcode[:2] == "08" or pgcode in ("57P01", "57P02", "57P03")
     return is_connection_error(exc)
@@ -154,7 +159,7 @@ def is_connection_lost(exc: BaseException) -> bool:
 def raise_if_schema_missing(exc: BaseException) -> None:
     """Translate 'relation pq_job does not exist' into SchemaMissing."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
-    pgcode = getattr(orig, "pgcode", None)
+    pgcode = sqlstate(orig)
     if pgcode in ("42P01", "42883") and "pq_" in str(orig):
         raise SchemaMissing() from exc
 
@@ -287,7 +292,7 @@ def run_prepared(cursor: Any, raw: RawStatement, params: dict[str, Any] | None,
     try:
         cursor.execute(prepared.execute_sql, raw.params(params))
     except Exception as exc:
-        if getattr(exc, "pgcode", None) != "26000" or in_transaction:  # invalid_sql_statement_name
+        if sqlstate(exc) != "26000" or in_transaction:  # invalid_sql_statement_name
             raise
         cache.clear()
         return run_prepared(cursor, raw, params, cache)
@@ -364,14 +369,14 @@ def _dbapi_connection_broken(dbapi: Any, exc: BaseException) -> bool:
     closed = getattr(dbapi, "closed", 0)
     if closed:
         return True
-    return type(exc).__name__ in ("OperationalError", "InterfaceError") and getattr(exc, "pgcode", None) is None
+    return type(exc).__name__ in ("OperationalError", "InterfaceError") and sqlstate(exc) is None
 
 
 def is_dbapi_connection_error(exc: BaseException) -> bool:
     """Raw-driver counterpart of :func:`is_connection_error`."""
     if isinstance(exc, DBAPIError):
         return is_connection_error(exc)
-    pgcode = getattr(exc, "pgcode", None)
+    pgcode = sqlstate(exc)
     if pgcode and pgcode[:2] in ("08", "57"):
         return True
     return type(exc).__name__ in ("OperationalError", "InterfaceError") and pgcode is None

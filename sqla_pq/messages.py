@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from . import queries
 from .enqueue import check_queue_name
 from .errors import PayloadSignatureError
+from .notify import pending_payloads
 from .serialization import PICKLE, EncodedCall, _check_size, dumps_json, sign, to_json_value, verify
 from .tables import NOTIFY_CHANNEL, job_table
 from .timeparse import When
@@ -137,8 +138,7 @@ class MessageQueue:
                     return None
                 wait = 1.0 if remaining is None else min(remaining, 1.0)
                 select.select([conn], [], [], wait)
-                conn.poll()
-                conn.notifies.clear()
+                pending_payloads(conn)  # any notification: look again
         finally:
             try:
                 with listener.dbapi_connection.cursor() as cur:

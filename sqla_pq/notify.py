@@ -25,6 +25,18 @@ from .tables import NOTIFY_CHANNEL
 log = logging.getLogger("sqla_pq.worker")
 
 
+def pending_payloads(conn: Any) -> list[str]:
+    """The payloads of the notifications a LISTENing DBAPI connection has received, read
+    without blocking: psycopg2's ``poll()``/``notifies`` list, or psycopg 3's ``notifies()``
+    generator with no wait.  Raises if the connection broke."""
+    if hasattr(conn, "poll"):  # psycopg2
+        conn.poll()
+        notes, conn.notifies[:] = list(conn.notifies), []
+    else:  # psycopg 3.2+
+        notes = list(conn.notifies(timeout=0))
+    return [note.payload or "" for note in notes]
+
+
 @dataclass
 class Wakeups:
     """What arrived since the last drain."""
@@ -62,8 +74,9 @@ class Listener:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                if self.app_name is not None:
-                    cur.execute("SET application_name = %s", (self.app_name,))
+                if self.app_name is not None:  # (SET takes no bound parameter in psycopg 3)
+                    cur.execute("SELECT set_config('application_name', %s, false)",
+                                (self.app_name,))
                 cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except BaseException:
             try:
@@ -87,11 +100,7 @@ class Listener:
         """Read what the socket holds (call when it is readable).  Raises if the connection
         broke; the caller reconnects."""
         wake = Wakeups()
-        conn = self._conn
-        conn.poll()
-        while conn.notifies:
-            note = conn.notifies.pop(0)
-            payload = note.payload or ""
+        for payload in pending_payloads(self._conn):
             if payload.startswith("!ping "):
                 wake.pongs.add(payload[6:])
             elif payload.startswith("!"):

@@ -33,6 +33,7 @@ from .db import (
     is_connection_error,
     is_dbapi_connection_error,
     protect_pool_across_fork,
+    sqlstate,
     translating_schema_errors,
 )
 from .enqueue import check_queue_name
@@ -991,7 +992,7 @@ def _completed(rows: Sequence[Any]) -> Completed:
 
 def _serial_race(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", exc)
-    return getattr(orig, "pgcode", None) == "23505" and "uq_pq_job_serial_running" in str(orig)
+    return sqlstate(orig) == "23505" and "uq_pq_job_serial_running" in str(orig)
 
 
 def _log_outcome(o: Outcome) -> None:
