@@ -60,6 +60,22 @@ def test_an_idle_worker_on_a_psycopg3_engine_wakes_on_notify(pq3):
     assert pq3.get_job(job.id).return_value() == 42
 
 
+def test_a_psycopg3_worker_whose_connections_are_killed_reconnects_and_wakes_again(pq3,
+                                                                                     engine3):
+    with BackgroundWorker(pq3, worker_ttl=60, maintenance=False) as worker:
+        wait_until(lambda: worker.state == "idle" and worker.listener.connected, 15,
+                   message="an idle, listening worker")
+        with engine3.begin() as conn:
+            killed = conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+                "current_database() AND pid <> pg_backend_pid() AND application_name LIKE "
+                "'sqla_pq:%%'").rowcount
+        assert killed >= 2  # its claim and listen connections at least
+        job = pq3.enqueue(tasks.add, 1, 2)
+        wait_until(lambda: pq3.get_job(job.id).status == "succeeded", 20,
+                   message="the job, after the worker reconnected (its poll is a minute away)")
+
+
 def test_fork_workers_run_retries_and_crashes_on_psycopg3(pq3):
     flaky = pq3.enqueue(tasks.flaky, 2, max_retries=2)
     crashed = pq3.enqueue(tasks.hard_exit, 3)
