@@ -131,6 +131,13 @@ def sqlstate(exc: BaseException | None) -> str | None:
     return getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
 
 
+def _driver_connection_class(exc: BaseException | None) -> bool:
+    """An OperationalError or InterfaceError of any driver, subclasses included (psycopg 3's
+    ConnectionTimeout): without a SQLSTATE, the connection failed, not the statement."""
+    return exc is not None and any(
+        kind.__name__ in ("OperationalError", "InterfaceError") for kind in type(exc).__mro__)
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when the database went away (restart, terminate, network), as opposed to a bad
     statement: the caller should reconnect and retry."""
@@ -141,8 +148,7 @@ def is_connection_error(exc: BaseException) -> bool:
         pgcode = sqlstate(orig)
         if pgcode and pgcode[:2] in ("08", "57"):  # connection exception, operator intervention
             return True
-        name = type(orig).__name__
-        return name in ("OperationalError", "InterfaceError") and pgcode is None
+        return _driver_connection_class(orig) and pgcode is None
     return False
 
 
@@ -369,7 +375,7 @@ def _dbapi_connection_broken(dbapi: Any, exc: BaseException) -> bool:
     closed = getattr(dbapi, "closed", 0)
     if closed:
         return True
-    return type(exc).__name__ in ("OperationalError", "InterfaceError") and sqlstate(exc) is None
+    return _driver_connection_class(exc) and sqlstate(exc) is None
 
 
 def is_dbapi_connection_error(exc: BaseException) -> bool:
@@ -379,7 +385,7 @@ def is_dbapi_connection_error(exc: BaseException) -> bool:
     pgcode = sqlstate(exc)
     if pgcode and pgcode[:2] in ("08", "57"):
         return True
-    return type(exc).__name__ in ("OperationalError", "InterfaceError") and pgcode is None
+    return _driver_connection_class(exc) and pgcode is None
 
 
 @contextlib.contextmanager

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
     from .pq import PQ
 
+RECHECK = 1.0
+"""Seconds a blocking get waits on its LISTEN socket before looking again anyway (a
+notification lost, a pooler that drops them)."""
+
 
 @dataclass
 class Message:
@@ -136,7 +140,7 @@ class MessageQueue:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                wait = 1.0 if remaining is None else min(remaining, 1.0)
+                wait = RECHECK if remaining is None else min(remaining, RECHECK)
                 select.select([conn], [], [], wait)
                 pending_payloads(conn)  # any notification: look again
         finally:

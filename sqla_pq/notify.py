@@ -37,6 +37,20 @@ def pending_payloads(conn: Any) -> list[str]:
     return [note.payload or "" for note in notes]
 
 
+def _check_listenable(conn: Any) -> None:
+    """psycopg 3 reads notifications without blocking only from 3.2 on (``notifies(timeout=)``)."""
+    if hasattr(conn, "poll"):
+        return
+    import psycopg
+
+    if tuple(int(p) for p in psycopg.__version__.split(".")[:2]) < (3, 2):
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"LISTEN through psycopg {psycopg.__version__} is not supported: upgrade to psycopg "
+            "3.2 or later, or give the workers a psycopg2 URL (listen_url, or the engine)")
+
+
 @dataclass
 class Wakeups:
     """What arrived since the last drain."""
@@ -72,6 +86,7 @@ class Listener:
         fairy.detach()  # ours for good: it must never go back to the pool while LISTENing
         conn = fairy.dbapi_connection
         try:
+            _check_listenable(conn)
             conn.autocommit = True
             with conn.cursor() as cur:
                 if self.app_name is not None:  # (SET takes no bound parameter in psycopg 3)

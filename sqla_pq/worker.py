@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from .pq import PQ
 
 log = logging.getLogger("sqla_pq.worker")
+job_log = logging.getLogger("sqla_pq.worker.jobs")
+"""Each job's outcome line.  Its own logger so that Sentry's logging integration can leave it
+out: the handler chain already reports a failed job, with the job's context."""
 
 ISOLATION_MODES = ("fork", "thread")
 PING_TIMEOUT = 3.0
@@ -998,17 +1001,17 @@ def _serial_race(exc: BaseException) -> bool:
 def _log_outcome(o: Outcome) -> None:
     if o.kind == "succeeded":
         if o.log_result is None or o.log_result == "None":
-            log.info("Job %s ended normally without result", o.job_id)
+            job_log.info("Job %s ended normally without result", o.job_id)
         else:
-            log.info("Job result = %s", o.log_result)
+            job_log.info("Job result = %s", o.log_result)
     elif o.kind == "retry":
-        log.warning("Job %s failed (%s); retrying in %s", o.job_id, o.error, _human(o.retry_delay))
+        job_log.warning("Job %s failed (%s); retrying in %s", o.job_id, o.error, _human(o.retry_delay))
     elif o.kind == "failed":
-        log.error("Job %s failed: %s", o.job_id, o.error)
+        job_log.error("Job %s failed: %s", o.job_id, o.error)
     elif o.kind == "cancelled":
-        log.info("Job %s cancelled: %s", o.job_id, o.error)
+        job_log.info("Job %s cancelled: %s", o.job_id, o.error)
     elif o.kind == "step":  # a multi-step job's task
-        log.info("Job %s: %s", o.job_id, o.log_result)
+        job_log.info("Job %s: %s", o.job_id, o.log_result)
 
 
 def _human(seconds: float) -> str:
@@ -1038,10 +1041,20 @@ def _sentry_handler() -> Callable[..., Any] | None:
         new_scope = sentry_sdk.push_scope  # type: ignore[attr-defined]
     if not active:
         sentry_sdk.init(dsn=dsn)
+    try:  # one event per failed job: the handler's, not also one for its ERROR log line
+        from sentry_sdk.integrations.logging import ignore_logger
+
+        ignore_logger(job_log.name)
+    except ImportError:  # pragma: no cover - an SDK without the logging integration
+        pass
 
     owner = os.getpid()  # the worker: its SDK sends in the background, the loop must not wait
+    sender = [owner]  # the process whose transport is its own
 
     def report(job: ClaimedJob, exc_type: Any, exc_value: BaseException, tb: Any) -> bool:
+        if sender[0] != os.getpid():  # a fork child: not the parent's connections and queue
+            _own_sentry_transport(sentry_sdk)
+            sender[0] = os.getpid()
         with new_scope() as scope:
             scope.set_tag("sqla_pq.queue", job.queue)
             scope.set_extra("job_id", job.id)
@@ -1052,3 +1065,17 @@ def _sentry_handler() -> Callable[..., Any] | None:
         return True
 
     return report
+
+
+def _own_sentry_transport(sentry_sdk: Any) -> None:
+    """A fork child inherits the SDK's transport: its pooled connection (reusing it breaks the
+    parent's) and its queue of unsent events (sent twice).  Give the child a new one."""
+    try:
+        from sentry_sdk.transport import make_transport
+
+        get_client = getattr(sentry_sdk, "get_client", None)
+        client = get_client() if get_client is not None else sentry_sdk.Hub.current.client
+        if client is not None and getattr(client, "transport", None) is not None:
+            client.transport = make_transport(client.options)
+    except Exception:  # noqa: BLE001 - an SDK that works otherwise: report with what it has
+        log.debug("could not give this job process its own Sentry transport", exc_info=True)

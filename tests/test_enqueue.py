@@ -318,17 +318,21 @@ def test_a_plain_enqueue_sends_only_its_set_columns_and_the_row_equals_the_retur
             assert getattr(stored, column.key) == getattr(job, column.key), column.key
 
 
-def test_the_defaults_an_insert_leaves_out_are_the_tables_server_defaults():
-    """queries.INSERT_SERVER_DEFAULTS must say what pq_job's server defaults say, or a job
-    enqueued with such a value would be stored with another."""
+def test_the_defaults_an_insert_leaves_out_are_the_tables_server_defaults(engine):
+    """queries.INSERT_SERVER_DEFAULTS must say what pq_job's server defaults say (in the
+    models and in the database the migrations built), or a job enqueued with such a value
+    would be stored with another."""
     from sqla_pq.queries import INSERT_SERVER_DEFAULTS
     from sqla_pq.tables import job_table
 
+    in_database = dict(rows(engine, "SELECT column_name, column_default FROM "
+                                    "information_schema.columns WHERE table_name = 'pq_job'"))
     for name, value in INSERT_SERVER_DEFAULTS.items():
+        expected = str(value).lower() if isinstance(value, bool) else str(value)
         default = job_table.c[name].server_default
         assert default is not None, name
-        text = str(getattr(default.arg, "text", default.arg))
-        assert text == str(value).lower() if isinstance(value, bool) else text == str(value), name
+        assert str(getattr(default.arg, "text", default.arg)) == expected, name
+        assert in_database[name].split("::")[0].strip("'") == expected, name
 
 
 def test_job_methods_take_the_job_enqueue_returned_as_well_as_its_id(pq):

@@ -86,7 +86,8 @@ def test_fork_workers_run_retries_and_crashes_on_psycopg3(pq3):
     assert [pq3.get_job(j.id).return_value() for j in many] == [0, 2, 4, 6, 8]
 
 
-def test_a_blocking_message_get_on_psycopg3_returns_what_another_thread_puts(pq3):
+def test_a_blocking_message_get_on_psycopg3_returns_what_another_thread_puts(pq3, monkeypatch):
+    monkeypatch.setattr("sqla_pq.messages.RECHECK", 60.0)  # only the notification wakes it
     queue = pq3["apples"]
     got: list[object] = []
     reader = threading.Thread(target=lambda: got.append(queue.get(timeout=20)))
@@ -117,6 +118,15 @@ def test_psycopg3_errors_read_like_psycopg2s(engine3, empty_db_url):
     assert _serial_race(race.value), "a second running job of a serial queue: retried, not fatal"
 
     bare = PQ(_psycopg3(empty_db_url))
-    with pytest.raises(SchemaMissing, match="sqla-pq migrate"):
-        bare.enqueue(tasks.add, 1, 1)
-    bare.engine.dispose()
+    try:
+        with pytest.raises(SchemaMissing, match="sqla-pq migrate"):
+            bare.enqueue(tasks.add, 1, 1)
+    finally:
+        bare.engine.dispose()
+
+
+def test_a_connection_class_without_sqlstate_is_a_connection_error_subclasses_included():
+    from psycopg import errors
+
+    assert is_connection_error(sa.exc.OperationalError("SELECT 1", {}, errors.ConnectionTimeout()))
+    assert not is_connection_error(sa.exc.ProgrammingError("SELECT 1", {}, errors.SyntaxError()))

@@ -44,7 +44,8 @@ class _Collector(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def sentry_events() -> Iterator[tuple[str, list[dict]]]:
-    """A DSN, and the events posted to it (each envelope's event items)."""
+    """A DSN, and the events posted to it (each envelope's event payloads: exceptions, and
+    log lines that Sentry's logging integration turned into events)."""
     _Collector.bodies = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -59,7 +60,7 @@ def sentry_events() -> Iterator[tuple[str, list[dict]]]:
                     item = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(item, dict) and "exception" in item:
+                if isinstance(item, dict) and "platform" in item:  # an event's payload
                     events.append(item)
         return events
 
@@ -79,14 +80,18 @@ def test_a_fork_worker_reports_a_failed_job_and_a_crash_to_sentry(pq, worker_env
     dsn, events = sentry_events
     failing = pq.enqueue(tasks.fail, "sentry-boom", queue="reports")
     crashed = pq.enqueue(tasks.hard_exit, 3, queue="reports")
-    worker = WorkerProcess({**worker_env, "SENTRY_DSN": dsn}, ["reports", "--burst"])
+    env = {k: v for k, v in worker_env.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    env.update(SENTRY_DSN=dsn, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    worker = WorkerProcess(env, ["reports", "--burst"])
     try:
         assert worker.wait(60) == 0, worker.output()
     finally:
         worker.stop()
     assert pq.get_job(failing.id).status == "failed" and pq.get_job(crashed.id).status == "failed"
 
-    by_job = {e.get("extra", {}).get("job_id"): e for e in events()}
+    sent = events()
+    assert len(sent) == 2, "one event per failed job (not also one for its ERROR log line)"
+    by_job = {e.get("extra", {}).get("job_id"): e for e in sent}
     raised = by_job.get(failing.id)
     assert raised is not None, f"no event for the failed job: {by_job.keys()}"
     assert _exception_types(raised) == ["ValueError"] and "sentry-boom" in json.dumps(raised)
