@@ -900,7 +900,8 @@ class Worker:
             self._drop_listener()
             self._connect_listener()
             return
-        if self._ping is None and now - self._listen_ok_at > self.settings.listen_check:
+        if (self._ping is None and now - self._listen_ok_at > self.settings.listen_check
+                and now >= self._retry_at):
             self._send_ping()
 
     def _timeout(self) -> float:
@@ -908,15 +909,16 @@ class Worker:
         candidates = [self._next_poll]
         if self._next_due is not None:
             candidates.append(self._next_due)
-        if self._ping is not None:
-            candidates.append(self._ping[1])
-        else:
-            candidates.append(self._listen_ok_at + self.settings.listen_check)
-        if self._pending:
-            candidates.append(self._retry_at)
-        if not self.listener.connected:
+        if not self.listener.connected:  # its health check waits for a connection
             candidates.append(self._listen_attempt_at + LISTEN_SLOW if self._listen_attempt
                               else self._listen_retry_at)
+        elif self._ping is not None:
+            candidates.append(self._ping[1])
+        else:  # a check is due after listen_check of silence, once the database answers
+            candidates.append(max(self._listen_ok_at + self.settings.listen_check,
+                                  self._retry_at))
+        if self._pending:
+            candidates.append(self._retry_at)
         if self.rate_limit and self._maybe_work:
             candidates.append(self._next_start)
         deadline = self.executor.check_deadlines(now)

@@ -93,3 +93,32 @@ def test_the_rescuer_failing_a_serial_job_wakes_the_idle_workers(pq):
         assert pq.get_job(second.id).status == "queued"
         assert pq.wait(second, timeout=10) == 4
     assert pq.get_job(first).status == "failed"
+
+
+def test_a_worker_whose_listener_cannot_connect_sleeps_between_looks(pq, monkeypatch):
+    """It polls and retries LISTEN with backoff; its health check waits for a connection (it
+    used to come due at once, every turn: a busy loop for as long as the listener was down)."""
+    import psycopg2
+
+    bg = BackgroundWorker(pq, maintenance=False)
+    worker = bg.worker
+
+    def refuse(self) -> None:  # noqa: ANN001
+        raise psycopg2.OperationalError("could not connect: the listener's server is away")
+
+    monkeypatch.setattr("sqla_pq.notify.Listener.open", refuse)
+    turns = []
+    sleep = worker._sleep
+
+    def counted(timeout: float) -> None:
+        turns.append(timeout)
+        sleep(timeout)
+
+    worker._sleep = counted
+    with bg:
+        wait_until(lambda: worker.state == "idle", 15, message="the worker to start")
+        start = len(turns)
+        time.sleep(IDLE_SECONDS)
+        spent = len(turns) - start
+        assert not worker.listener.connected
+    assert spent <= 20, f"{spent} loop turns in {IDLE_SECONDS}s while the listener was down"
