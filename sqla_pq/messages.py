@@ -107,11 +107,7 @@ class MessageQueue:
         return encoded
 
     def _reserve_id(self, session: Session | None) -> int:
-        if session is not None:
-            return int(session.connection().execute(
-                queries.job_ids_reserve(), {"n": 1}, execution_options=self.pq.execution_options
-            ).scalar_one())
-        return int(self.pq._run(queries.job_ids_reserve(), {"n": 1})[0][0])
+        return int(self._rows(session, queries.job_ids_reserve(), {"n": 1})[0][0])
 
     @property
     def _purpose(self) -> str:

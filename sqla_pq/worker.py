@@ -714,8 +714,10 @@ class Worker:
             self._db_error(exc, "recording outcomes")
             return
         self._db_ok()
-        metrics = self._metrics_of(pending, stale) if self.metrics else ()
-        freed = self._serial_queues(pending)
+        with self._lock:  # the jobs behind these outcomes, looked up once for what follows
+            held = [self._held.get(o.job_id) for o in pending]
+        metrics = self._metrics_of(pending, held, stale) if self.metrics else ()
+        freed = {job.queue for job in held if job is not None and job.serial}
         self._pending = []
         self._forget(pending)
         if freed:
@@ -743,13 +745,12 @@ class Worker:
         if metrics:  # after the dispatch: hooks must not hold up jobs whose leases run
             self.metrics.emit(metrics)
 
-    def _metrics_of(self, outcomes: Sequence[Outcome], stale: set[int]) -> list[JobMetric]:
+    def _metrics_of(self, outcomes: Sequence[Outcome], held: Sequence[ClaimedJob | None],
+                    stale: set[int]) -> list[JobMetric]:
         """One metric per attempt just recorded (not the stale ones: another worker's
         compare-and-set won, and that worker counts the job).  Never raises: metrics must not
         keep a claimed batch from being dispatched."""
         try:
-            with self._lock:
-                held = [self._held.get(o.job_id) for o in outcomes]
             return [JobMetric.of(job, o, self.id) for job, o in zip(held, outcomes)
                     if o.kind in RECORDED_KINDS and o.job_id not in stale]
         except Exception:  # noqa: BLE001
@@ -759,11 +760,6 @@ class Worker:
     def _give_back(self, outcomes: Sequence[Outcome]) -> dict[str, Any]:
         return {"ids": [o.job_id for o in outcomes], "attempt_list": [o.attempt for o in outcomes],
                 "failure_ttl": float(self.settings.failure_ttl)}
-
-    def _serial_queues(self, outcomes: Sequence[Outcome]) -> set[str]:
-        with self._lock:
-            held = [self._held.get(o.job_id) for o in outcomes]
-        return {job.queue for job in held if job is not None and job.serial}
 
     def _wake_for_serial(self, queues: set[str]) -> None:
         """A serial queue whose job ended may start its next one: tell the idle workers, which
