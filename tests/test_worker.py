@@ -106,16 +106,22 @@ def test_thread_timeout_fails_the_job_and_the_worker_goes_on(pq):
 
 
 def test_a_thread_stuck_past_its_timeout_keeps_the_job_until_it_ends(pq, url_str):
-    """No retry may overlap the stuck attempt: the lease is kept until the thread ends."""
-    job = pq.enqueue(tasks.record, url_str, "stuck", 2.5, timeout=0.5, max_retries=1)
+    """No retry may overlap the stuck attempt: the lease is kept (renewed by heartbeats, past
+    its own length) until the thread ends."""
+    # A lease of 4 s (8 heartbeats) and a thread stuck 5 s: renewals are needed to keep the
+    # job, and one late heartbeat on a loaded machine does not lose it (with the suite's 2 s
+    # lease, a 1.75 s stall of the test database did).
+    lease, stuck = 4.0, 5.0
+    pq = PQ(pq.engine, lease=lease)
+    job = pq.enqueue(tasks.record, url_str, "stuck", stuck, timeout=0.5, max_retries=1)
     with BackgroundWorker(pq, ["default"], concurrency=2):
-        time.sleep(1.5)
+        time.sleep(lease + 0.5)
         assert pq.get_job(job.id).status == "running", "the job was released while its thread ran"
         wait_until(lambda: pq.get_job(job.id).status == "failed", 20, message="the retry to fail")
     ledger = rows(pq.engine, "SELECT attempt, started_at, finished_at FROM test_ledger ORDER BY id")
     assert [r[0] for r in ledger] == [1, 2]
-    # attempt 1 slept 2.5 s in C code (the timeout exception lands only after the sleep)
-    assert (ledger[1][1] - ledger[0][1]).total_seconds() >= 2.5, \
+    # attempt 1 slept in C code (the timeout exception lands only after the sleep)
+    assert (ledger[1][1] - ledger[0][1]).total_seconds() >= stuck, \
         "the retry started while the stuck attempt's thread still ran"
 
 
