@@ -15,9 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import queries
 from .errors import InvalidOption, InvalidQueueName, TaskNotImportable
-from .serialization import EncodedCall, dumps_json, encode_call
+from .serialization import JSON, EncodedCall, dumps_json, encode_call
 from .states import JobStatus
+from .tables import JOB_ATTRIBUTE_DEFAULTS
 from .tasks import TaskRef, check_allowed, registered_options, task_ref
 from .timeparse import Duration, When, parse_when, seconds
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
     from .models import Job
     from .pq import PQ
+    from .settings import Settings
+    from .tasks import TaskOptions
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-/:]{1,64}$")
 
@@ -134,6 +138,45 @@ class JobSpec:
     def task(self) -> str | None:
         return self.ref.name if self.ref is not None else None
 
+    def with_encoded(self, encoded: EncodedCall) -> JobSpec:
+        """A copy for other arguments (``copy.copy`` of a dataclass is three times slower)."""
+        spec = object.__new__(JobSpec)
+        spec.__dict__.update(self.__dict__)
+        spec.encoded = encoded
+        return spec
+
+    def job_values(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """``defaults`` (every column of the Job) updated with what this spec sets of its
+        Job that does not depend on the call's arguments or the inserted row.  Kept with the
+        spec, so the copies of a call plan's template share it."""
+        values = self.__dict__.get("_job_values")
+        if values is None:
+            values = self.__dict__["_job_values"] = {**defaults, **dict(
+                queue=self.queue, task=self.task, priority=self.priority,
+                expected_at=self.expected_at, max_retries=self.max_retries,
+                retry_policy=self.retry_policy, timeout=self.timeout, result_ttl=self.result_ttl,
+                client_id=self.client_id, serial=self.serial, flow_id=self.flow_id,
+                on_parent_failure=self.on_parent_failure, schedule_id=self.schedule_id,
+                workspace=self.workspace, max_interruptions=self.max_interruptions,
+                meta=self.meta,
+            )}
+        return values
+
+    def insert(self) -> tuple[Any, dict[str, Any]]:
+        """``queries.job_insert_for(self.params())``: the one-job insert and its parameters.
+        For JSON arguments only ``args`` and ``kwargs`` vary from call to call, so the statement
+        and the other parameters are kept with the spec (shared by a plan's copies)."""
+        e = self.encoded
+        if e.encoding != JSON or self.id is not None or self.signature is not None:
+            return queries.job_insert_for(self.params())
+        memo = self.__dict__.get("_json_insert")
+        if memo is None:
+            statement, given = queries.job_insert_for(self.params())
+            fixed = {k: v for k, v in given.items() if k not in ("args", "kwargs")}
+            memo = self.__dict__["_json_insert"] = (statement, fixed)
+        statement, fixed = memo
+        return statement, {**fixed, "args": e.args_json, "kwargs": e.kwargs_json}
+
     def params(self) -> dict[str, Any]:
         e = self.encoded
         return {
@@ -165,6 +208,22 @@ class JobSpec:
             "meta": dumps_json(self.meta) if self.meta is not None else None,
             "error": None,
         }
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What :meth:`Queue.build` makes of a call of one task with no per-call option, but its
+    arguments, and what it was made from: reused while those stay the same."""
+
+    settings: Settings
+    queue_defaults: tuple[Any, ...]
+    task_options: TaskOptions | None
+    template: JobSpec
+
+
+MAX_CALL_PLANS = 256
+"""Call plans a queue keeps (one per task it enqueued without options); past it they are
+dropped and made again."""
 
 
 class UniformSpecs(Sequence[JobSpec]):
@@ -266,6 +325,7 @@ class Queue:
         self.priority = priority
         self.max_retries = max_retries
         self.retry_in = retry_in
+        self._plans: dict[Any, CallPlan] = {}
 
     def __repr__(self) -> str:
         bound = " session-bound" if self.session is not None else ""
@@ -379,12 +439,55 @@ class Queue:
             )
         return spec
 
+    def _queue_defaults(self) -> tuple[Any, ...]:
+        return (self.serial, self.timeout, self.result_ttl, self.priority, self.max_retries,
+                self.retry_in)
+
+    def build_plain(self, func: Any, args: Sequence[Any] = (),
+                    kwargs: Mapping[str, Any] | None = None) -> JobSpec:
+        """``build(func, args, kwargs)`` without options, from a plan of the task's and the
+        queue's defaults made at its first call: resolving them cost as much Python as the rest
+        of a plain enqueue (see benchmarks/README.md, E1)."""
+        try:
+            plan = self._plans.get(func)
+        except TypeError:  # an unhashable callable
+            return self.build(func, args, kwargs)
+        settings = self.pq.settings
+        if (plan is None or plan.settings is not settings
+                or plan.task_options is not registered_options(plan.template.task or "")
+                or plan.queue_defaults != self._queue_defaults()):
+            plan = self._plan(func, settings)
+            if plan is None:
+                return self.build(func, args, kwargs)
+        template = plan.template
+        return template.with_encoded(encode_call(
+            args, kwargs or {}, max_bytes=settings.max_payload_bytes,
+            warn_bytes=settings.warn_payload_bytes, what=template.task or "",
+        ))
+
+    def _plan(self, func: Any, settings: Settings) -> CallPlan | None:
+        template = self.build(func)  # validates as every call would, raising the same errors
+        ref = template.ref
+        if ref is None or ref.instance is not None:
+            return None  # a bound method travels with its instance: built at every call
+        options = registered_options(ref.name)
+        if options is not None and options.extra.get("expected_at") is not None:
+            return None  # a task's expected_at delay is counted from each call's time
+        if len(self._plans) >= MAX_CALL_PLANS:
+            self._plans.clear()
+        template.insert()  # made once here, for every job of the plan
+        template.job_values(JOB_ATTRIBUTE_DEFAULTS)
+        plan = self._plans[func] = CallPlan(settings, self._queue_defaults(), options, template)
+        return plan
+
     # -- enqueueing ----------------------------------------------------------------------------
 
     def enqueue(self, func: Any, *args: Any, **kwargs: Any) -> Job:
         """Enqueue ``func(*args, **kwargs)``; reserved option names (``run_at``, ``priority``,
         ``timeout``, ``result_ttl``, ``max_retries``, ``retry_in``, ``client_id``,
         ``depends_on``, ``expected_at``) configure the job instead."""
+        if not kwargs:
+            return self.enqueue_call(func, args)
         options, task_kwargs = split_options(kwargs)
         return self.enqueue_call(func, args=args, kwargs=task_kwargs, **options)
 
@@ -396,10 +499,13 @@ class Queue:
         **options: Any,
     ) -> Job:
         """Enqueue with the task's arguments and the job's options kept apart (RQ's form)."""
-        spec = self.build(func, args, kwargs, **options)
+        if options:
+            spec = self.build(func, args, kwargs, **options)
+        else:
+            spec = self.build_plain(func, args, kwargs)
         if not self.is_async:
             return self.pq._run_inline(spec, session=self.session)
-        return self.pq._insert([spec], session=self.session)[0]
+        return self.pq._insert_one(spec, session=self.session)
 
     def enqueue_many(self, calls: Iterable[Any], **options: Any) -> Sequence[Job]:
         """Enqueue many calls in one statement.  Each call is ``func``, ``(func, args)``,

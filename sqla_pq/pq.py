@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ResourceClosedError
 
 from . import queries
@@ -26,6 +26,7 @@ from .db import (
     compile_raw,
     engine_from,
     is_dbapi_connection_error,
+    raise_if_schema_missing,
     run_prepared,
     run_raw,
     translating_schema_errors,
@@ -40,11 +41,13 @@ from .errors import (
     JobNotFound,
 )
 from .execution.call import ClaimedJob, ExecutionContext, Hooks, execute
+from .held_connection import HeldConnection, held_for
+from .held_connection import release as release_held
 from .record import cancel_dependants, notify, record_outcomes
 from .serialization import DILL, sign
 from .settings import Settings
 from .states import FINAL_STATES, JobStatus
-from .tables import job_table
+from .tables import JOB_ATTRIBUTE_DEFAULTS, job_table
 from .tasks import TaskFunction, TaskOptions, check_task_options, register
 
 if TYPE_CHECKING:
@@ -58,13 +61,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sqla_pq")
 
-_COLUMN_DEFAULTS: dict[str, Any] = {
-    c.key: None for c in job_table.columns
-}
-_COLUMN_DEFAULTS.update(
-    attempts=0, failures=0, interruptions=0, step=0, has_dependants=False, waiting_on=0,
-    result=None, serial=False,
-)
+_COLUMN_DEFAULTS = JOB_ATTRIBUTE_DEFAULTS
+
+
+_NO_PARENTS: dict[str, Any] = {}
+"""The insert parameters ``_job_from`` reads (``waiting_on``, ``error``) of a job that waits
+for nothing."""
 
 
 class SessionRunner:
@@ -111,22 +113,36 @@ class CursorRunner:
 
 
 class _OwnCursor:
-    """``with pq._cursor() as runner``: a :class:`CursorRunner` on a pooled autocommit
-    connection (a class, not a generator: see :class:`~sqla_pq.db.RawAutocommit`)."""
+    """``with pq._cursor() as runner``: a :class:`CursorRunner` in autocommit, on the engine's
+    held connection when it is free (:mod:`~sqla_pq.held_connection`), else on one checked out
+    of the pool for this statement (a class, not a generator: see
+    :class:`~sqla_pq.db.RawAutocommit`)."""
 
-    __slots__ = ("_pq", "_raw")
+    __slots__ = ("_pq", "_held", "_raw")
 
     def __init__(self, pq: PQ) -> None:
         self._pq = pq
-        self._raw = RawAutocommit(pq.engine)
 
     def __enter__(self) -> CursorRunner:
-        cursor, info = self._raw.__enter__()
         pq = self._pq
+        held = pq._held_connection()
+        got = held.acquire() if held is not None else None
+        if got is None:
+            self._held = None
+            self._raw = RawAutocommit(pq.engine)
+            got = self._raw.__enter__()
+        else:
+            self._held = held
+        cursor, info = got
         return CursorRunner(cursor, pq.engine.dialect, pq.schema, pq._cache(info))
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        self._raw.__exit__(kind, exc, tb)
+        if self._held is None:
+            self._raw.__exit__(kind, exc, tb)
+            return
+        self._held.release(exc)
+        if exc is not None:
+            raise_if_schema_missing(exc)
 
 
 class PQ:
@@ -155,6 +171,7 @@ class PQ:
                 )
             target = url
         self.engine, factory = engine_from(target)
+        self._owns_engine = isinstance(target, (str, URL))
         if settings is None:
             settings = Settings.from_env(
                 schema=schema, secret_keys=secret_keys, allowed_tasks=allowed_tasks, **overrides
@@ -211,6 +228,20 @@ class PQ:
     def _cursor(self) -> _OwnCursor:
         """One autocommit statement at a time on a pooled connection of your engine."""
         return _OwnCursor(self)
+
+    def _held_connection(self) -> HeldConnection | None:
+        held = self.__dict__.get("_held")
+        if held is None:
+            held = self._held = held_for(self.engine, self.settings.hold_connection) or False
+        return held or None
+
+    def close(self) -> None:
+        """Give back the connection this PQ holds between its own statements, and dispose of
+        the engine if PQ made it (from a URL).  PQ works again after, checking out anew."""
+        release_held(self.engine)
+        self.__dict__.pop("_held", None)
+        if self._owns_engine:
+            self.engine.dispose()
 
     def _cache(self, info: dict[str, Any]) -> dict[str, Any] | None:
         """This connection's prepared statements (its pool's ``info`` dies with it)."""
@@ -350,6 +381,24 @@ class PQ:
 
         return self._retrying(once)
 
+    def _insert_one(self, spec: JobSpec, session: Session | None = None) -> Job:
+        """One job.  The common case, in its own transaction with no parents and nothing to
+        sign, is one autocommit statement and nothing else (E1 in benchmarks/README.md)."""
+        if session is not None or spec.parents or (
+            self.settings.secret_keys and spec.encoded.encoding == DILL
+        ):
+            return self._insert([spec], session=session)[0]
+        statement, given = spec.insert()
+
+        def once() -> list[tuple[Any, ...]]:
+            with self._cursor() as runner:
+                return runner.run(statement, given)
+
+        rows = self._retrying(once)
+        if not rows:
+            raise _duplicate(spec.client_id)
+        return self._job_from(spec, _NO_PARENTS, rows[0])
+
     def _insert_uniform(self, template: JobSpec, encodeds: Sequence[Any],
                         session: Session | None = None) -> Sequence[Job]:
         """Bulk enqueue of calls that differ only in their arguments: the column arrays are
@@ -417,10 +466,7 @@ class PQ:
         elif len(specs) == 1:
             rows = runner.run(*queries.job_insert_for(params[0]))
             if not rows:
-                raise DuplicateClientId(
-                    f"a job with client_id {specs[0].client_id!r} already exists; use "
-                    "pq.upsert(...) to replace it, or pq.get_job_by_client_id(...) to find it"
-                )
+                raise _duplicate(specs[0].client_id)
         else:
             values, varying = queries.split_varying(params)
             rows = runner.run(queries.job_insert_many(varying), values, prepare=False)
@@ -468,19 +514,12 @@ class PQ:
         return pending
 
     def _job_from(self, spec: JobSpec, param: dict[str, Any], row: Any) -> Job:
-        values = dict(_COLUMN_DEFAULTS)
+        values = dict(spec.job_values(_COLUMN_DEFAULTS))
         e = spec.encoded
         values.update(
-            id=row[0], status=row[1], run_at=row[2], enqueued_at=row[3], queue=spec.queue,
-            task=spec.task, priority=spec.priority, encoding=e.encoding, args=e.args_value,
-            kwargs=e.kwargs_value, payload=e.payload, signature=spec.signature,
-            expected_at=spec.expected_at, max_retries=spec.max_retries,
-            retry_policy=spec.retry_policy, timeout=spec.timeout, result_ttl=spec.result_ttl,
-            client_id=spec.client_id, serial=spec.serial, flow_id=spec.flow_id,
-            waiting_on=param.get("waiting_on", 0), on_parent_failure=spec.on_parent_failure,
-            error=param.get("error"),
-            schedule_id=spec.schedule_id, workspace=spec.workspace,
-            max_interruptions=spec.max_interruptions, meta=spec.meta,
+            id=row[0], status=row[1], run_at=row[2], enqueued_at=row[3], encoding=e.encoding,
+            args=e.args_value, kwargs=e.kwargs_value, payload=e.payload, signature=spec.signature,
+            waiting_on=param.get("waiting_on", 0), error=param.get("error"),
         )
         return self._bind(_detached_job(values))
 
@@ -1016,22 +1055,25 @@ class JobBatch(Sequence["Job"]):
         return f"<JobBatch of {len(self)} jobs>"
 
 
-def _detached_job(values: dict[str, Any]) -> Job:
-    """A Job for a row we already hold, without a session round trip (detached, loaded)."""
-    mapper, instance_state = _job_orm()
-    job = mapper.class_manager.new_instance()
-    job.__dict__.update(values)
-    state = instance_state(job)
-    try:
-        # What make_transient_to_detached does, minus the scan for unloaded attributes: every
-        # column is loaded here.  It is the hot part of a 10,000-job enqueue_many.
-        state.key = mapper.identity_key_from_primary_key((values["id"],))
-        state._commit_all(state.dict)
-    except AttributeError:  # pragma: no cover - a SQLAlchemy without these internals
-        from sqlalchemy.orm import make_transient_to_detached
+def _duplicate(client_id: str | None) -> DuplicateClientId:
+    return DuplicateClientId(
+        f"a job with client_id {client_id!r} already exists; use pq.upsert(...) to replace "
+        "it, or pq.get_job_by_client_id(...) to find it"
+    )
 
-        state.key = None
-        make_transient_to_detached(job)
+
+def _detached_job(values: dict[str, Any]) -> Job:
+    """A Job for a row we already hold, without a session round trip: detached, every column
+    loaded, nothing modified (what ``make_transient_to_detached`` makes).  ``values`` becomes
+    the instance's ``__dict__``: filled attribute by attribute it cost three times as much, and
+    a plain enqueue makes one Job per call (E1 in benchmarks/README.md).  A fresh state has no
+    committed or expired attributes to reset."""
+    mapper, state_attr = _job_orm()
+    job = mapper.class_manager.new_instance()
+    state = job.__dict__[state_attr]
+    values[state_attr] = state
+    job.__dict__ = values
+    state.key = mapper.identity_key_from_primary_key((values["id"],))
     return job
 
 
@@ -1066,14 +1108,13 @@ def _schedule_id(schedule: Any, method: str) -> int:
 
 
 @functools.cache
-def _job_orm() -> tuple[Any, Callable[[Any], Any]]:
-    """Job's configured mapper and ``instance_state``, imported on first use: the ORM stays
-    out of worker processes."""
+def _job_orm() -> tuple[Any, str]:
+    """Job's configured mapper and the key of its instances' state, imported on first use:
+    the ORM stays out of worker processes."""
     from sqlalchemy.orm import configure_mappers
-    from sqlalchemy.orm.attributes import instance_state
 
     from .models import Job
 
     if not Job.__mapper__.configured:
         configure_mappers()
-    return Job.__mapper__, instance_state
+    return Job.__mapper__, Job.__mapper__.class_manager.STATE_ATTR

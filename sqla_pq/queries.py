@@ -143,15 +143,12 @@ def job_insert_for(params: dict[str, Any]) -> tuple[sa.Insert, dict[str, Any]]:
     """The insert of one job and its parameters, without the columns that are NULL or hold
     their server default: those take it (NULL, ``nextval``, ``now()``, 50...), so a plain
     enqueue sends 5 parameters instead of 27 and is planned without a conflict check."""
-    defaults = INSERT_SERVER_DEFAULTS
-    given = {}
-    for name, value in params.items():
-        if value is None:
-            continue
-        default = defaults.get(name, _NO_DEFAULT)
-        if value == default and isinstance(value, bool) == isinstance(default, bool):
-            continue  # (0 and False are equal, but only a bool column takes a bool)
-        given[name] = value
+    given = {name: value for name, value in params.items() if value is not None}
+    for name, default in INSERT_SERVER_DEFAULTS.items():
+        value = given.get(name, _NO_DEFAULT)
+        # the same type too: 0 == False, but only a bool column takes a bool
+        if type(value) is type(default) and value == default:
+            del given[name]
     return job_insert(frozenset(given)), given
 
 

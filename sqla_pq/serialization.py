@@ -143,6 +143,9 @@ def encode_call(
     what: str = "task",
 ) -> EncodedCall:
     """Encode a call's arguments (and the bound instance of a method, which forces dill)."""
+    if instance is None and not args and not kwargs:  # the commonest call, without the encoder
+        _check_size(4, max_bytes, warn_bytes, what)
+        return EncodedCall(JSON, "[]", "{}", None, 4, [], {})
     if instance is None:
         try:
             av = to_json_value(list(args))

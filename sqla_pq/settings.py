@@ -66,6 +66,11 @@ class Settings:
     then neither prepare statements nor set session state (``application_name``,
     ``plan_cache_mode``), which would stick to server connections other clients then get.
     Pair it with ``listen_url`` (notifications do not pass such a pooler)."""
+    hold_connection: float = 5.0
+    """Seconds PQ keeps one connection of your engine's pool checked out after its own
+    one-statement transactions (an enqueue without a session, ``get_job``, ``cancel``...), so
+    that back-to-back calls skip the pool's checkout and return (one per engine and process;
+    see :mod:`sqla_pq.held_connection`).  0 checks a connection out for every statement."""
     default_queue: str = "default"
     serial_queues: tuple[str, ...] = ("serial",)
     """Queues whose every job is serial, however it is enqueued (``pq.enqueue(f,
@@ -139,6 +144,10 @@ class Settings:
                 f"invalid schema name {self.schema!r}: use 1-63 letters, digits and underscores, "
                 "not starting with a digit"
             )
+        if self.hold_connection < 0:
+            raise ConfigurationError(
+                f"hold_connection must be 0 (off) or seconds, not {self.hold_connection!r}"
+            )
         if self.listen_check <= 0:
             raise ConfigurationError(f"listen_check must be positive, not {self.listen_check!r}")
 
@@ -156,6 +165,8 @@ def _coerce(name: str, raw: str) -> Any:
         return raw
     if name in ("prepared_statements", "transaction_pooler"):
         return raw.strip().lower() not in ("0", "false", "no", "off")
+    if name == "hold_connection" and raw.strip().lower() in ("false", "no", "off"):
+        return 0.0
     try:
         if name in ("result_ttl", "failure_ttl", "max_interruptions", "max_payload_bytes",
                     "warn_payload_bytes"):

@@ -213,6 +213,13 @@ job_table = Table(
 )
 """One unit of work: a task path, its arguments, and where it is in its life."""
 
+JOB_ATTRIBUTE_DEFAULTS: dict[str, Any] = {c.key: None for c in job_table.columns}
+JOB_ATTRIBUTE_DEFAULTS.update(
+    attempts=0, failures=0, interruptions=0, step=0, has_dependants=False, waiting_on=0,
+    result=None, serial=False,
+)
+"""A Job's attributes for a row just inserted, where the statement did not set them."""
+
 dependency_table = Table(
     "pq_dependency",
     metadata,
