@@ -41,6 +41,7 @@ from .execution.call import ClaimedJob, Hooks, Outcome, run_crash_hooks
 from .execution.fork import ForkExecutor
 from .execution.thread import ThreadExecutor
 from .link import Link
+from .logs import direct_info
 from .metrics import RECORDED_KINDS, HookRunner, JobMetric, MetricsHook
 from .notify import Listener
 from .record import Completed, complete_params, notify, record_outcomes
@@ -609,19 +610,23 @@ class Worker:
         self._maybe_work = len(rows) >= asked or any(job.serial for job in jobs)
         self._relook = RELOOK_MIN
         now = time.monotonic()
-        verbose = log.isEnabledFor(logging.INFO)
         with self._lock:
             for job in jobs:
                 job.extra["lease_ok_at"] = sent_at
                 self._held[job.id] = job
         due = sent_at + self.lease_guard
         self._lease_due = due if self._lease_due is None else min(self._lease_due, due)
+        if log.isEnabledFor(logging.INFO):  # each job's line before its own output
+            write = direct_info(log)
+            if write is not None:
+                write([f"Got {describe_call(job)} from {job.queue}" for job in jobs])
+            else:
+                for job in jobs:
+                    log.info("Got %s from %s", describe_call(job), job.queue)
         for job in jobs:
             job.extra["timeout"] = self._effective_timeout(job)
             self.claimed_total += 1
             self.current_job_id = job.id
-            if verbose:
-                log.info("Got %s from %s", describe_call(job), job.queue)
             self.executor.submit(job)
         self.state = "busy"
         if self.rate_limit:
@@ -725,10 +730,10 @@ class Worker:
         verbose = log.isEnabledFor(logging.INFO)
         if released:
             log.info("%d prefetched job(s) went back to the queue unstarted", len(released))
-        for o in successes + others:
-            self.processed += 1
-            if verbose and o.job_id not in stale:
-                _log_outcome(o)
+        finished = successes + others
+        self.processed += len(finished)
+        if verbose:
+            _log_outcomes([o for o in finished if o.job_id not in stale])
         for o in interrupted:
             log.warning("Job %s was interrupted and goes back to the queue", o.job_id)
         for o in fenced:
@@ -994,6 +999,29 @@ def _completed(rows: Sequence[Any]) -> Completed:
 def _serial_race(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", exc)
     return sqlstate(orig) == "23505" and "uq_pq_job_serial_running" in str(orig)
+
+
+def _log_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """The outcome lines; a batch's successes in one write when nothing else sees them
+    (:func:`~sqla_pq.logs.direct_info`)."""
+    write = direct_info(job_log) if outcomes else None
+    if write is None:
+        for o in outcomes:
+            _log_outcome(o)
+        return
+    lines: list[str] = []
+    for o in outcomes:
+        if o.kind != "succeeded":
+            if lines:  # keep the order: the lines before, then this one through logging
+                write(lines)
+                lines = []
+            _log_outcome(o)
+        elif o.log_result is None or o.log_result == "None":
+            lines.append(f"Job {o.job_id} ended normally without result")
+        else:
+            lines.append(f"Job result = {o.log_result}")
+    if lines:
+        write(lines)
 
 
 def _log_outcome(o: Outcome) -> None:

@@ -6,6 +6,8 @@ import io
 import logging
 import os
 
+import pytest
+
 from sqla_pq.logs import BufferedStreamHandler, SecondsFormatter, flush_logs
 from tests.helpers import wait_until
 
@@ -83,3 +85,76 @@ def test_the_time_stamp_reused_within_a_second_is_the_one_logging_would_write():
     later = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
     later.created, later.msecs = 1000.7, 700.0
     assert no_datefmt.format(first) != no_datefmt.format(later), "milliseconds were reused"
+
+
+# -- the worker's direct lines -------------------------------------------------------------------
+
+FMT, YEAR = "%(asctime)s %(levelname)-7s %(name)s %(message)s", "%Y"  # a stamp that does not tick
+
+
+def _buffered_logger(name: str, fmt: str = FMT) -> tuple[logging.Logger, BufferedStreamHandler, io.StringIO]:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream, max_delay=60.0)
+    handler.setFormatter(SecondsFormatter(fmt, YEAR))
+    return _logger(handler, name), handler, stream
+
+
+def test_direct_lines_are_the_text_logging_writes_in_the_same_place():
+    from sqla_pq.logs import direct_info
+
+    log, handler, stream = _buffered_logger("test_logs.direct")
+    write = direct_info(log)
+    assert write is not None
+    log.info("Got %s from %s", "add(1, 2)", "default")
+    write(["Got add(1, 2) from default", "Job result = 3"])
+    log.info("Job result = %s", 3)
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == lines[1] and lines[2] == lines[3], lines
+    assert lines[0].endswith("INFO    test_logs.direct Got add(1, 2) from default")
+
+
+@pytest.mark.parametrize("change", [
+    "a filter", "another handler", "warnings only", "a thread name in the format",
+    "a patched callHandlers", "a plain handler", "another record factory",
+])
+def test_direct_lines_are_refused_when_anything_else_would_see_the_records(change, monkeypatch):
+    from sqla_pq.logs import direct_info
+
+    fmt = "%(threadName)s %(message)s" if change == "a thread name in the format" else FMT
+    log, handler, _ = _buffered_logger("test_logs.refused." + change.replace(" ", "_"), fmt)
+    if change == "a filter":
+        log.addFilter(lambda record: True)
+    elif change == "another handler":
+        log.addHandler(logging.NullHandler())
+    elif change == "warnings only":
+        log.setLevel(logging.WARNING)
+    elif change == "a patched callHandlers":  # what sentry_sdk's logging integration does
+        real = logging.Logger.callHandlers
+        monkeypatch.setattr(logging.Logger, "callHandlers",
+                            lambda self, record: real(self, record))
+    elif change == "a plain handler":
+        log.handlers[:] = [logging.StreamHandler(io.StringIO())]
+    elif change == "another record factory":
+        factory = logging.getLogRecordFactory()
+        monkeypatch.setattr(logging, "_logRecordFactory", lambda *a, **k: factory(*a, **k))
+    assert direct_info(log) is None
+
+
+def test_outcome_lines_keep_their_order_around_a_failure(monkeypatch):
+    from sqla_pq import worker
+    from sqla_pq.execution.call import Outcome
+
+    log, handler, stream = _buffered_logger("test_logs.outcomes", "%(levelname)s %(message)s")
+    monkeypatch.setattr(worker, "job_log", log)
+    worker._log_outcomes([
+        Outcome(1, 1, "succeeded", log_result="1"),
+        Outcome(2, 1, "failed", error="ValueError: no"),
+        Outcome(3, 1, "succeeded", log_result=None),
+        Outcome(4, 1, "cancelled", error="by hand"),
+    ])
+    handler.flush()
+    assert stream.getvalue().splitlines() == [
+        "INFO Job result = 1", "ERROR Job 2 failed: ValueError: no",
+        "INFO Job 3 ended normally without result", "INFO Job 4 cancelled: by hand",
+    ]
