@@ -20,7 +20,13 @@ from .errors import InvalidOption, InvalidQueueName, TaskNotImportable
 from .serialization import JSON, EncodedCall, dumps_json, encode_call
 from .states import JobStatus
 from .tables import JOB_ATTRIBUTE_DEFAULTS
-from .tasks import TaskRef, check_allowed, registered_options, task_ref
+from .tasks import (
+    TaskRef,
+    check_allowed,
+    registered_options,
+    registry_generation,
+    task_ref,
+)
 from .timeparse import Duration, When, parse_when, seconds
 
 if TYPE_CHECKING:
@@ -29,7 +35,6 @@ if TYPE_CHECKING:
     from .models import Job
     from .pq import PQ
     from .settings import Settings
-    from .tasks import TaskOptions
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-/:]{1,64}$")
 
@@ -216,14 +221,14 @@ class CallPlan:
     arguments, and what it was made from: reused while those stay the same."""
 
     settings: Settings
-    queue_defaults: tuple[Any, ...]
-    task_options: TaskOptions | None
+    generation: int
+    """The task registry's generation (:func:`~sqla_pq.tasks.registry_generation`)."""
     template: JobSpec
 
 
 MAX_CALL_PLANS = 256
-"""Call plans a queue keeps (one per task it enqueued without options); past it they are
-dropped and made again."""
+"""Call plans a PQ keeps (one per queue, queue defaults and task enqueued without options);
+past it they are dropped and made again."""
 
 
 class UniformSpecs(Sequence[JobSpec]):
@@ -325,7 +330,6 @@ class Queue:
         self.priority = priority
         self.max_retries = max_retries
         self.retry_in = retry_in
-        self._plans: dict[Any, CallPlan] = {}
 
     def __repr__(self) -> str:
         bound = " session-bound" if self.session is not None else ""
@@ -439,26 +443,29 @@ class Queue:
             )
         return spec
 
-    def _queue_defaults(self) -> tuple[Any, ...]:
-        return (self.serial, self.timeout, self.result_ttl, self.priority, self.max_retries,
-                self.retry_in)
-
     def build_plain(self, func: Any, args: Sequence[Any] = (),
                     kwargs: Mapping[str, Any] | None = None) -> JobSpec:
         """``build(func, args, kwargs)`` without options, from a plan of the task's and the
-        queue's defaults made at its first call: resolving them cost as much Python as the rest
-        of a plain enqueue (see benchmarks/README.md, E1)."""
+        queue's defaults made at its first call and kept by the PQ (``pq.enqueue`` makes a
+        Queue per call): resolving them cost as much Python as the rest of a plain enqueue
+        (see benchmarks/README.md, E1).  A plan is made again when the settings, the task
+        registry or the queue's defaults change."""
+        plans = self.pq._call_plans
+        key = (self.name, self.serial, self.timeout, self.result_ttl, self.priority,
+               self.max_retries, self.retry_in, func)
         try:
-            plan = self._plans.get(func)
-        except TypeError:  # an unhashable callable
+            plan = plans.get(key)
+        except TypeError:  # an unhashable callable, or retry_in given as a dict
             return self.build(func, args, kwargs)
         settings = self.pq.settings
         if (plan is None or plan.settings is not settings
-                or plan.task_options is not registered_options(plan.template.task or "")
-                or plan.queue_defaults != self._queue_defaults()):
+                or plan.generation != registry_generation()):
             plan = self._plan(func, settings)
             if plan is None:
                 return self.build(func, args, kwargs)
+            if len(plans) >= MAX_CALL_PLANS:
+                plans.clear()
+            plans[key] = plan
         template = plan.template
         return template.with_encoded(encode_call(
             args, kwargs or {}, max_bytes=settings.max_payload_bytes,
@@ -466,19 +473,19 @@ class Queue:
         ))
 
     def _plan(self, func: Any, settings: Settings) -> CallPlan | None:
-        template = self.build(func)  # validates as every call would, raising the same errors
-        ref = template.ref
-        if ref is None or ref.instance is not None:
-            return None  # a bound method travels with its instance: built at every call
+        """None for what must be built at every call: a bound method (it travels with its
+        instance) and a task whose ``expected_at`` delay counts from each call's time."""
+        generation = registry_generation()
+        ref = task_ref(func)
+        if ref.instance is not None:
+            return None
         options = registered_options(ref.name)
         if options is not None and options.extra.get("expected_at") is not None:
-            return None  # a task's expected_at delay is counted from each call's time
-        if len(self._plans) >= MAX_CALL_PLANS:
-            self._plans.clear()
+            return None
+        template = self.build(func)  # validates as every call would, raising the same errors
         template.insert()  # made once here, for every job of the plan
         template.job_values(JOB_ATTRIBUTE_DEFAULTS)
-        plan = self._plans[func] = CallPlan(settings, self._queue_defaults(), options, template)
-        return plan
+        return CallPlan(settings, generation, template)
 
     # -- enqueueing ----------------------------------------------------------------------------
 

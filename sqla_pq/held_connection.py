@@ -76,9 +76,11 @@ class HeldConnection:
         self._fairy: Any = None
         self._cursor: Any = None
         self._last_used = 0.0
+        self._pid = 0
+        """The process that checked it out: another one (a fork child) never touches it."""
         self._let_go: bool | None = None
-        """Set while the connection is in use: at release, give it back (False) or close it
-        (True) instead of keeping it."""
+        """Set by :meth:`discard` while the connection is in use: its user gives it back
+        (False) or closes it (True) instead of keeping it."""
         self._reaper: threading.Thread | None = None
 
     @property
@@ -89,7 +91,9 @@ class HeldConnection:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            if self._fairy is not None and self._let_go is not None:
+            if self._fairy is not None and self._pid != os.getpid():
+                self._forget_inherited()  # a fork the at-fork hook did not see (uWSGI)
+            elif self._fairy is not None and self._let_go is not None:
                 self._give_back(close=self._let_go)  # disposed while it was in use
             elif self._fairy is not None and time.monotonic() - self._last_used > self.idle:
                 self._give_back()  # the reaper is late: check one out afresh
@@ -105,8 +109,8 @@ class HeldConnection:
         try:
             if self._fairy is None:
                 return
-            if exc is not None and not _statement_error(exc, self._fairy.dbapi_connection):
-                self._give_back(exc)
+            if exc is not None and _in_doubt(exc, self._fairy.dbapi_connection):
+                self._give_back(exc, close=bool(self._let_go))
             elif self._let_go is not None:
                 self._give_back(close=self._let_go)
             else:
@@ -117,14 +121,19 @@ class HeldConnection:
     def discard(self, close: bool = False) -> None:
         """Let go of the connection: now if it is free, else when its user releases it.
         ``close`` closes it instead of pooling it (its engine was disposed)."""
-        if self._lock.acquire(timeout=DISCARD_WAIT):
-            try:
-                if self._fairy is not None:
-                    self._give_back(close=close)
-            finally:
-                self._lock.release()
-        else:  # a statement is running on it: its user lets go when it ends
-            self._let_go = close
+        # Said first: a user who releases it while this waits finds it and lets go.
+        self._let_go = bool(self._let_go) or close
+        if not self._lock.acquire(timeout=DISCARD_WAIT):
+            return  # a statement is running on it: its user lets go when it ends
+        try:
+            if self._fairy is None:
+                self._let_go = None
+            elif self._pid != os.getpid():
+                self._forget_inherited()
+            else:
+                self._give_back(close=bool(self._let_go))
+        finally:
+            self._lock.release()
 
     # -- internals (called with the lock held) --------------------------------------------------
 
@@ -132,6 +141,7 @@ class HeldConnection:
         engine = self._engine()
         if engine is None:  # pragma: no cover - its caller holds the engine
             raise RuntimeError("the engine of this held connection is gone")
+        self._let_go = None  # said of the connection before; one said from here on stays
         fairy = engine.raw_connection()
         try:
             dbapi = fairy.dbapi_connection
@@ -141,6 +151,7 @@ class HeldConnection:
             fairy.invalidate()
             raise
         self._fairy = fairy
+        self._pid = os.getpid()
         self._last_used = time.monotonic()
         if self._reaper is None:
             self._reaper = threading.Thread(target=self._reap, name="sqla_pq-held-connection",
@@ -182,30 +193,43 @@ class HeldConnection:
                     if left <= 0:
                         self._reaper = None
                         try:
-                            self._give_back()
+                            self._give_back(close=bool(self._let_go))
                         except Exception:  # noqa: BLE001 - the pool's reset failed: it is gone
                             log.debug("could not give the held connection back", exc_info=True)
                         return
                 finally:
                     self._lock.release()
 
-    def _forked(self) -> None:
-        """In a fork child: forget the parent's connection without touching it."""
-        if self._fairy is not None:
-            _INHERITED.append((self._fairy, self._cursor))
-        self._lock = threading.Lock()
+    def _forget_inherited(self) -> None:
+        """In a fork child: drop the parent's connection without touching its socket.  It is
+        detached from the child's copy of the pool (which frees that pool's slot and touches
+        nothing but bookkeeping) and kept referenced for good: a psycopg2 connection that is
+        garbage collected sends the server its goodbye, which would end the parent's session."""
+        fairy = self._fairy
+        if fairy is not None:
+            _INHERITED.append((fairy, self._cursor))
+            try:
+                fairy.detach()
+            except Exception:  # noqa: BLE001 - bookkeeping only; the slot stays taken
+                pass
         self._fairy = self._cursor = self._reaper = None
         self._let_go = None
 
+    def _forked(self) -> None:
+        """The at-fork hook, in the child: no thread holds anything here any more."""
+        self._lock = threading.Lock()
+        self._forget_inherited()
 
-def _statement_error(exc: BaseException, dbapi: Any) -> bool:
-    """The server refused the statement and the connection is fine (a constraint, a missing
-    table): nothing to discard.  Anything else (a lost connection, an interrupt in the middle
-    of a statement) and the connection goes back to the pool, which checks it."""
-    from .db import sqlstate
 
-    return (not getattr(dbapi, "closed", 0) and sqlstate(exc) is not None
-            and not sqlstate(exc).startswith(("08", "57P")))
+def _in_doubt(exc: BaseException, dbapi: Any) -> bool:
+    """After ``exc``, is the connection's state unknown?  Yes for a lost or closed connection
+    and for an interrupt (KeyboardInterrupt, SystemExit) that may have come in the middle of a
+    statement; no for a statement the server refused or an error of the caller's own
+    (``JobNotFound`` after the statement ran): the connection is fine, keep it."""
+    from .db import is_dbapi_connection_error
+
+    return (not isinstance(exc, Exception) or bool(getattr(dbapi, "closed", 0))
+            or is_dbapi_connection_error(exc))
 
 
 def _broken(exc: BaseException) -> bool:
@@ -222,6 +246,8 @@ def release(engine: Engine) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _HELD_LOCK
+    _HELD_LOCK = threading.Lock()  # a parent thread may have held it at the fork
     for held in list(_HELD.values()):
         held._forked()
 

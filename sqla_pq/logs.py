@@ -121,8 +121,6 @@ def install(level: int, fmt: str, datefmt: str | None = None) -> BufferedStreamH
     return handler
 
 
-_STOCK_CALL_HANDLERS = logging.Logger.callHandlers
-_STOCK_RECORD_FACTORY = logging.getLogRecordFactory()
 _FIELD = re.compile(r"%\((\w+)\)")
 _DIRECT_FIELDS = frozenset({"asctime", "levelname", "name", "message"})
 
@@ -150,8 +148,8 @@ def direct_info(logger: logging.Logger) -> Callable[[list[str]], None] | None:
     record factory nor ``Logger.callHandlers`` replaced (Sentry's logging integration patches
     the latter)."""
     if (not logger.isEnabledFor(logging.INFO)
-            or logging.Logger.callHandlers is not _STOCK_CALL_HANDLERS
-            or logging.getLogRecordFactory() is not _STOCK_RECORD_FACTORY):
+            or getattr(logging.Logger.callHandlers, "__module__", None) != "logging"
+            or logging.getLogRecordFactory() is not logging.LogRecord):
         return None
     handlers: list[logging.Handler] = []
     current: logging.Logger | None = logger
@@ -173,15 +171,18 @@ def direct_info(logger: logging.Logger) -> Callable[[list[str]], None] | None:
             or not set(_FIELD.findall(formatter._fmt or "")) <= _DIRECT_FIELDS):
         return None
     fmt, datefmt, name = formatter._fmt, formatter.datefmt, logger.name
+    level = logging.getLevelName(logging.INFO)
 
     def write(messages: list[str]) -> None:
-        asctime = formatter.formatTime(_Moment(time.time()), datefmt)  # type: ignore[arg-type]
-        values = {"asctime": asctime, "levelname": "INFO", "name": name, "message": ""}
-        lines = []
-        for message in messages:
-            values["message"] = message
-            lines.append(fmt % values)
-        handler.add_lines(lines)
+        with handler.lock:  # type: ignore[union-attr] # the formatter's time cache, as emit
+            created = time.time()
+            asctime = formatter.formatTime(_Moment(created), datefmt)  # type: ignore[arg-type]
+            values = {"asctime": asctime, "levelname": level, "name": name, "message": ""}
+            lines = []
+            for message in messages:
+                values["message"] = message
+                lines.append(fmt % values)
+            handler.add_lines(lines)
 
     return write
 

@@ -31,7 +31,7 @@ from .db import (
     run_raw,
     translating_schema_errors,
 )
-from .enqueue import JobSpec, Queue, queue_for, queue_for_calls, split_options
+from .enqueue import CallPlan, JobSpec, Queue, queue_for, queue_for_calls, split_options
 from .errors import (
     ConfigurationError,
     DuplicateClientId,
@@ -130,11 +130,15 @@ class _OwnCursor:
         if got is None:
             self._held = None
             self._raw = RawAutocommit(pq.engine)
-            got = self._raw.__enter__()
+            cursor, info = self._raw.__enter__()
         else:
             self._held = held
-        cursor, info = got
-        return CursorRunner(cursor, pq.engine.dialect, pq.schema, pq._cache(info))
+            cursor, info = got
+        try:
+            return CursorRunner(cursor, pq.engine.dialect, pq.schema, pq._cache(info))
+        except BaseException as exc:  # __exit__ will not run: let go of the connection here
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if self._held is None:
@@ -197,6 +201,8 @@ class PQ:
         Core statements (an ORM insert would autoflush the caller's pending objects), which
         transaction managers that watch ORM events do not see; the Pyramid integration adds
         zope.sqlalchemy's ``mark_changed`` here."""
+        self._call_plans: dict[Any, CallPlan] = {}
+        """Queue.build_plain's plans, for every Queue of this PQ."""
         self.metrics_hooks: list[MetricsHook] = []
         """Called by this PQ's workers with a :class:`~sqla_pq.metrics.JobMetric` per attempt
         recorded (see :meth:`add_metrics_hook`)."""
@@ -515,6 +521,8 @@ class PQ:
 
     def _job_from(self, spec: JobSpec, param: dict[str, Any], row: Any) -> Job:
         values = dict(spec.job_values(_COLUMN_DEFAULTS))
+        if values["retry_policy"] is not None:  # a plan's jobs must not share one dict
+            values["retry_policy"] = dict(values["retry_policy"])
         e = spec.encoded
         values.update(
             id=row[0], status=row[1], run_at=row[2], enqueued_at=row[3], encoding=e.encoding,

@@ -27,8 +27,11 @@ DEFAULT_JOB_TIMEOUT = 600.0
 """Seconds a job may run before it is killed and failed (django-pq's PQ_DEFAULT_JOB_TIMEOUT)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
+    """Frozen: what was resolved from a Settings (a queue's call plans) stays true of it; use
+    :meth:`replace` for other values."""
+
     result_ttl: int = DEFAULT_RESULT_TTL
     failure_ttl: int = 365 * 86400
     """Seconds a failed job is kept before the pruner deletes it (RQ keeps them a year)."""
@@ -82,9 +85,9 @@ class Settings:
         for name in ("allowed_tasks", "serial_queues"):  # one name is a list of one, not letters
             value = getattr(self, name)
             if isinstance(value, str):
-                setattr(self, name, (value,))
+                object.__setattr__(self, name, (value,))
             elif not isinstance(value, tuple):
-                setattr(self, name, tuple(value))
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def lease_seconds(self) -> float:

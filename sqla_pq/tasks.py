@@ -86,6 +86,12 @@ class RegisteredTask:
 
 
 _REGISTRY: dict[str, RegisteredTask] = {}
+_GENERATION = [0]
+"""Bumped at every registration: what was resolved from the registry before is stale."""
+
+
+def registry_generation() -> int:
+    return _GENERATION[0]
 """Tasks registered by name (``@pq.task``, ``define_job``), process-wide."""
 
 _BY_FUNC: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -109,6 +115,7 @@ def register(name: str, func: Callable[..., Any], options: TaskOptions | None = 
     entry = RegisteredTask(name, func, options or TaskOptions())
     _REGISTRY[name] = entry
     _REF_CACHE.clear()
+    _GENERATION[0] += 1
     try:
         _BY_FUNC[target] = name
     except TypeError:

@@ -241,3 +241,7 @@ def random_and_thread() -> dict[str, Any]:
 def step_segfaults(job: Any) -> None:
     """A multi-step job's step whose process dies (its failure hook runs in the worker)."""
     ctypes.string_at(0)
+
+
+def registered_later() -> None:
+    """Registered as a task by test_call_plans only after its first, plain, enqueue."""

@@ -31,7 +31,7 @@ def test_a_planned_enqueue_makes_the_job_build_makes(pq):
         job = queue.enqueue(tasks.add, *args)
         _same_job(job, queue.build(tasks.add, args))
         assert job.args == list(args)
-    assert list(queue._plans) == [tasks.add], "the plan was not kept"
+    assert [key[-1] for key in pq._call_plans] == [tasks.add], "the plan was not kept"
 
 
 def test_the_returned_job_is_detached_loaded_and_unmodified(pq):
@@ -89,7 +89,7 @@ def test_an_expected_at_delay_is_counted_from_each_call(pq):
     first = queue.enqueue(expected)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     assert before + dt.timedelta(hours=1) <= first.expected_at <= later
-    assert expected not in queue._plans, "a clock-dependent default must not be planned"
+    assert not pq._call_plans, "a clock-dependent default must not be planned"
 
 
 def test_bound_methods_and_unhashable_callables_are_built_at_every_call(pq):
@@ -97,7 +97,7 @@ def test_bound_methods_and_unhashable_callables_are_built_at_every_call(pq):
     first = queue.enqueue(tasks.Calculator(4).calculate, 4, 5)
     second = queue.enqueue(tasks.Calculator(8).calculate, 4, 5)
     assert first.encoding == second.encoding == "dill" and first.payload != second.payload
-    assert not queue._plans, "a plan would have kept an instance (and sent the first one again)"
+    assert not pq._call_plans, "a plan would have kept an instance (and sent the first one again)"
 
     class Unhashable:
         __hash__ = None  # type: ignore[assignment]
@@ -120,3 +120,34 @@ def test_a_plan_still_validates_what_each_call_brings(pq):
         small.enqueue(tasks.echo, "x" * 100)
     with pytest.raises(InvalidOption):
         queue.enqueue(tasks.add, 1, 2, priority="high")
+
+
+def test_pq_enqueue_and_task_delay_reuse_the_plan_across_their_queues(pq):
+    for i in range(3):
+        pq.enqueue(tasks.add, i, i)
+    assert len(pq._call_plans) == 1
+
+    @pq.task(name="tests.plans.delayed", queue="plans")
+    def delayed(x: int) -> int:
+        return x
+
+    for i in range(3):
+        assert delayed.delay(i).queue == "plans"
+    assert len(pq._call_plans) == 2
+
+
+def test_a_function_registered_after_its_first_plain_enqueue_takes_its_task_options(pq):
+    queue = pq.queue("plans")
+    first = queue.enqueue(tasks.registered_later)
+    assert (first.task, first.priority) == ("tests.tasks.registered_later", 50)
+    pq.task(name="tests.plans.later", priority=90)(tasks.registered_later)
+    job = queue.enqueue(tasks.registered_later)
+    assert (job.task, job.priority) == ("tests.plans.later", 90)
+    assert job.task == queue.build(tasks.registered_later).task
+
+
+def test_settings_cannot_change_under_a_plan(pq):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pq.settings.result_ttl = 1  # type: ignore[misc]

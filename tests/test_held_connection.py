@@ -151,3 +151,32 @@ def test_an_engine_that_is_dropped_is_not_kept_alive_by_its_held_connection(db_u
     del pq, engine
     gc.collect()
     assert gone() is None, "the registry of held connections leaks engines"
+
+
+def test_a_process_whose_fork_hook_did_not_run_leaves_the_inherited_connection_alone(pq, engine):
+    """uWSGI forks without running Python's at-fork hooks: the pid it was checked out by
+    tells the child the held connection is its parent's."""
+    pq.enqueue(tasks.add, 1, 2)
+    parent_backend = _backend_pid(pq)
+    held = pq._held_connection()
+    held._pid = -1  # as a child that inherited it sees it
+    assert _backend_pid(pq) != parent_backend, "a child used its parent's connection"
+    assert scalar(engine, "SELECT count(*) FROM pg_stat_activity WHERE pid = %(p)s",
+                  p=parent_backend) == 1, "the inherited connection was closed"
+
+
+def test_a_dispose_while_a_statement_runs_closes_the_connection_when_it_ends(pq, engine, db_url):
+    pq.enqueue(tasks.add, 1, 2)
+    backend = _backend_pid(pq)
+    sleeping = threading.Thread(target=pq._run, args=(sa.select(sa.func.pg_sleep(0.6)),))
+    sleeping.start()
+    wait_until(lambda: pq._held_connection()._lock.locked(), 5, interval=0.01,
+               message="the statement to start on the held connection")
+    engine.dispose()  # waits DISCARD_WAIT, then leaves it to the sleeping thread
+    sleeping.join()
+    probe = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        wait_until(lambda: scalar(probe, "SELECT count(*) FROM pg_stat_activity WHERE pid = %(p)s",
+                                  p=backend) == 0, 5, message="the held connection to close")
+    finally:
+        probe.dispose()
