@@ -19,6 +19,16 @@ def _backend_pid(pq: PQ) -> int:
     return pq._run(sa.select(sa.func.pg_backend_pid()))[0][0]
 
 
+def _wait_closed(db_url: sa.URL, backend: int) -> None:
+    """Wait until the server has no session ``backend`` (asked on a connection of its own)."""
+    probe = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    try:
+        wait_until(lambda: scalar(probe, "SELECT count(*) FROM pg_stat_activity WHERE pid = %(p)s",
+                                  p=backend) == 0, 5, message="the held connection to close")
+    finally:
+        probe.dispose()
+
+
 def test_back_to_back_calls_run_on_one_connection_kept_out_of_the_pool(pq):
     first = pq.enqueue(tasks.add, 1, 2)
     pid = _backend_pid(pq)
@@ -62,12 +72,7 @@ def test_disposing_the_engine_closes_the_held_connection(engine, db_url):
     pq.enqueue(tasks.add, 1, 2)
     pid = _backend_pid(pq)
     engine.dispose()
-    probe = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
-    try:
-        wait_until(lambda: scalar(probe, "SELECT count(*) FROM pg_stat_activity WHERE pid = %(p)s",
-                                  p=pid) == 0, 5, message="the held connection to close")
-    finally:
-        probe.dispose()
+    _wait_closed(db_url, pid)
     assert pq.get_job(pq.enqueue(tasks.add, 2, 2).id).args == [2, 2]
 
 
@@ -174,9 +179,4 @@ def test_a_dispose_while_a_statement_runs_closes_the_connection_when_it_ends(pq,
                message="the statement to start on the held connection")
     engine.dispose()  # waits DISCARD_WAIT, then leaves it to the sleeping thread
     sleeping.join()
-    probe = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
-    try:
-        wait_until(lambda: scalar(probe, "SELECT count(*) FROM pg_stat_activity WHERE pid = %(p)s",
-                                  p=backend) == 0, 5, message="the held connection to close")
-    finally:
-        probe.dispose()
+    _wait_closed(db_url, backend)

@@ -56,6 +56,8 @@ class _Slot:
     warned: bool = False
     fenced: bool = False
     interrupted: bool = False
+    stop_sent: bool = False
+    """An exception was raised into its thread (under the pool's lock, like every read)."""
 
 
 @dataclass
@@ -88,7 +90,13 @@ def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
 
 
 def _drop_pending_stop() -> None:
-    """Forget an exception raised into this thread that has not landed yet."""
+    """Forget an exception raised into this thread that has not landed yet.
+
+    Only after one was raised: CPython (3.11) marks the whole interpreter as having an
+    exception to deliver at every ``PyThreadState_SetAsyncExc`` call, even one that clears,
+    and only a thread that then receives one unmarks it.  Called at every job's end, it left
+    every thread checking its eval breaker at every function call, and a worker whose main
+    thread runs under a profiler (``python -m cProfile``) stopped taking turns."""
     import ctypes
 
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
@@ -227,6 +235,7 @@ class ThreadExecutor:
         with self._lock:
             if self._slots.get(slot.job.id) is not slot:
                 return False
+            slot.stop_sent = True  # before: the thread may end the job once it lands
             return async_raise(slot.thread_id, exc_type)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -287,7 +296,8 @@ class ThreadExecutor:
         slot = turn.slot
         assert slot is not None
         with self._lock:
-            _drop_pending_stop()
+            if slot.stop_sent:
+                _drop_pending_stop()
             outcome = turn.outcome if turn.outcome is not None else _stopped_outcome(slot)
             if outcome.duration is None:  # stopped before it reported: as long as it ran
                 outcome.duration = time.monotonic() - slot.started
