@@ -8,7 +8,6 @@ one-statement transaction.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -144,7 +143,8 @@ class JobSpec:
         return self.ref.name if self.ref is not None else None
 
     def with_encoded(self, encoded: EncodedCall) -> JobSpec:
-        """A copy for other arguments (``copy.copy`` of a dataclass is three times slower)."""
+        """A copy for other arguments (``copy.copy`` of a dataclass is three times slower).
+        Memos (``insert``, ``job_values``) are shared: they do not depend on the arguments."""
         spec = object.__new__(JobSpec)
         spec.__dict__.update(self.__dict__)
         spec.encoded = encoded
@@ -244,9 +244,7 @@ class UniformSpecs(Sequence[JobSpec]):
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        spec = copy.copy(self.template)
-        spec.encoded = self.encodeds[index]
-        return spec
+        return self.template.with_encoded(self.encodeds[index])
 
 
 def queue_for(func: Any, queue: str | None) -> str | None:
@@ -552,9 +550,7 @@ class Queue:
                 warn_bytes=settings.warn_payload_bytes, what=ref.name,
             ))
             if not uniform:
-                spec = copy.copy(template)
-                spec.encoded = encodeds[-1]
-                specs.append(spec)
+                specs.append(template.with_encoded(encodeds[-1]))
         if uniform and specs and self.is_async:
             # the common bulk case: one task, shared options; only the arguments vary
             return self.pq._insert_uniform(specs[0], encodeds, session=self.session)

@@ -12,7 +12,7 @@ It goes back to the pool when nothing used it for ``idle`` seconds (the ``hold_c
 setting of the PQ that first used it; a small thread returns it;
 the next use then checks one out again, with the pool's pre-ping and recycle), when the engine
 is disposed (closed then: a test that drops its database right after must not find it open),
-after an error that leaves the connection in doubt, and at :meth:`release_all`.  A fork child
+after an error that leaves the connection in doubt, and at ``PQ.close`` (:func:`release`).  A fork child
 never uses or closes its parent's: it keeps a reference to it, unused, and holds its own.
 """
 
@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
+
+from .db import is_dbapi_connection_error
 
 log = logging.getLogger("sqla_pq")
 
@@ -168,7 +170,7 @@ class HeldConnection:
             cursor.close()
         except Exception:  # noqa: BLE001 - a broken connection's cursor: decided below
             pass
-        if close or getattr(dbapi, "closed", 0) or (exc is not None and _broken(exc)):
+        if close or getattr(dbapi, "closed", 0) or (exc is not None and is_dbapi_connection_error(exc)):
             fairy.invalidate(exc if isinstance(exc, Exception) else None)
             return
         try:
@@ -226,16 +228,8 @@ def _in_doubt(exc: BaseException, dbapi: Any) -> bool:
     and for an interrupt (KeyboardInterrupt, SystemExit) that may have come in the middle of a
     statement; no for a statement the server refused or an error of the caller's own
     (``JobNotFound`` after the statement ran): the connection is fine, keep it."""
-    from .db import is_dbapi_connection_error
-
     return (not isinstance(exc, Exception) or bool(getattr(dbapi, "closed", 0))
             or is_dbapi_connection_error(exc))
-
-
-def _broken(exc: BaseException) -> bool:
-    from .db import is_dbapi_connection_error
-
-    return is_dbapi_connection_error(exc)
 
 
 def release(engine: Engine) -> None:

@@ -61,9 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sqla_pq")
 
-_COLUMN_DEFAULTS = JOB_ATTRIBUTE_DEFAULTS
-
-
 _NO_PARENTS: dict[str, Any] = {}
 """The insert parameters ``_job_from`` reads (``waiting_on``, ``error``) of a job that waits
 for nothing."""
@@ -201,6 +198,7 @@ class PQ:
         Core statements (an ORM insert would autoflush the caller's pending objects), which
         transaction managers that watch ORM events do not see; the Pyramid integration adds
         zope.sqlalchemy's ``mark_changed`` here."""
+        self._held: HeldConnection | bool | None = None
         self._call_plans: dict[Any, CallPlan] = {}
         """Queue.build_plain's plans, for every Queue of this PQ."""
         self.metrics_hooks: list[MetricsHook] = []
@@ -236,7 +234,8 @@ class PQ:
         return _OwnCursor(self)
 
     def _held_connection(self) -> HeldConnection | None:
-        held = self.__dict__.get("_held")
+        """The engine's held connection, looked up once (False: the engine holds none)."""
+        held = self._held
         if held is None:
             held = self._held = held_for(self.engine, self.settings.hold_connection) or False
         return held or None
@@ -245,7 +244,7 @@ class PQ:
         """Give back the connection this PQ holds between its own statements, and dispose of
         the engine if PQ made it (from a URL).  PQ works again after, checking out anew."""
         release_held(self.engine)
-        self.__dict__.pop("_held", None)
+        self._held = None
         if self._owns_engine:
             self.engine.dispose()
 
@@ -520,7 +519,7 @@ class PQ:
         return pending
 
     def _job_from(self, spec: JobSpec, param: dict[str, Any], row: Any) -> Job:
-        values = dict(spec.job_values(_COLUMN_DEFAULTS))
+        values = dict(spec.job_values(JOB_ATTRIBUTE_DEFAULTS))
         if values["retry_policy"] is not None:  # a plan's jobs must not share one dict
             values["retry_policy"] = dict(values["retry_policy"])
         e = spec.encoded
@@ -587,7 +586,7 @@ class PQ:
         try:
             return self.get_job(job_id)
         except JobNotFound:  # result_ttl=0: deleted as soon as it finished
-            return self._bind(_detached_job({**_COLUMN_DEFAULTS, "id": job_id,
+            return self._bind(_detached_job({**JOB_ATTRIBUTE_DEFAULTS, "id": job_id,
                                              "status": outcome.kind}))
 
     # -- looking at jobs ------------------------------------------------------------------------------
@@ -595,7 +594,7 @@ class PQ:
     def _job_from_row(self, row: Any) -> Job:
         mapping = row._mapping if hasattr(row, "_mapping") else None
         if mapping is not None:
-            values = {k: mapping[k] for k in _COLUMN_DEFAULTS}
+            values = {k: mapping[k] for k in JOB_ATTRIBUTE_DEFAULTS}
         else:
             values = dict(zip([c.key for c in job_table.columns], row))
         for key in ("payload", "signature", "result_payload", "result_signature"):
@@ -623,7 +622,7 @@ class PQ:
 
     def refresh_job(self, job: Job) -> Job:
         fresh = self.get_job(job.id)
-        for key in _COLUMN_DEFAULTS:
+        for key in JOB_ATTRIBUTE_DEFAULTS:
             job.__dict__[key] = fresh.__dict__[key]
         return job
 

@@ -86,13 +86,14 @@ class RegisteredTask:
 
 
 _REGISTRY: dict[str, RegisteredTask] = {}
+"""Tasks registered by name (``@pq.task``, ``define_job``), process-wide."""
 _GENERATION = [0]
 """Bumped at every registration: what was resolved from the registry before is stale."""
 
 
 def registry_generation() -> int:
     return _GENERATION[0]
-"""Tasks registered by name (``@pq.task``, ``define_job``), process-wide."""
+
 
 _BY_FUNC: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _REF_CACHE: weakref.WeakKeyDictionary[Any, TaskRef] = weakref.WeakKeyDictionary()

@@ -1016,20 +1016,23 @@ def _log_outcomes(outcomes: Sequence[Outcome]) -> None:
                 write(lines)
                 lines = []
             _log_outcome(o)
-        elif o.log_result is None or o.log_result == "None":
-            lines.append(f"Job {o.job_id} ended normally without result")
         else:
-            lines.append(f"Job result = {o.log_result}")
+            fmt, args = _success_line(o)
+            lines.append(fmt % args)
     if lines:
         write(lines)
 
 
+def _success_line(o: Outcome) -> tuple[str, tuple[Any, ...]]:
+    if o.log_result is None or o.log_result == "None":
+        return "Job %s ended normally without result", (o.job_id,)
+    return "Job result = %s", (o.log_result,)
+
+
 def _log_outcome(o: Outcome) -> None:
     if o.kind == "succeeded":
-        if o.log_result is None or o.log_result == "None":
-            job_log.info("Job %s ended normally without result", o.job_id)
-        else:
-            job_log.info("Job result = %s", o.log_result)
+        fmt, args = _success_line(o)
+        job_log.info(fmt, *args)
     elif o.kind == "retry":
         job_log.warning("Job %s failed (%s); retrying in %s", o.job_id, o.error, _human(o.retry_delay))
     elif o.kind == "failed":
