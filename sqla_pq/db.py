@@ -281,7 +281,7 @@ class Prepared:
 
 
 def run_prepared(cursor: Any, raw: RawStatement, params: dict[str, Any] | None,
-                 cache: dict[str, Prepared | None], in_transaction: bool = False) -> list[tuple[Any, ...]]:
+                 cache: dict[Any, Any], in_transaction: bool = False) -> list[tuple[Any, ...]]:
     """Run ``raw`` through a server-side prepared statement of this connection (prepared on
     first use and remembered in ``cache``, the connection's own), so PostgreSQL parses and
     plans it once.  A statement that cannot be prepared runs plainly; a connection that lost
@@ -298,14 +298,93 @@ def run_prepared(cursor: Any, raw: RawStatement, params: dict[str, Any] | None,
     try:
         cursor.execute(prepared.execute_sql, raw.params(params))
     except Exception as exc:
-        if sqlstate(exc) != "26000" or in_transaction:  # invalid_sql_statement_name
+        if in_transaction or not _forget_lost_statements(cursor, exc, cache):
             raise
-        cache.clear()
         return run_prepared(cursor, raw, params, cache)
     return cursor.fetchall() if cursor.description is not None else []
 
 
-def _try(cursor: Any, sql: str, in_transaction: bool) -> bool:
+MAX_FIXED_STATEMENTS = 64
+"""Statements a connection prepares with a plan's values written in; past it, plans share the
+generic prepared statement (each one costs the server a plan per connection)."""
+
+_FIXED_COUNT = "sqla_pq:fixed statements"
+
+
+@dataclass(frozen=True)
+class FixedPrepared:
+    """A statement PREPAREd on one connection with its fixed parameters written in as
+    literals (quoted by psycopg2, as any parameter), so an EXECUTE sends, and the server
+    evaluates, only the varying ones.  Quoting five parameters and evaluating them cost a
+    one-job enqueue more than the rest of its Python (benchmarks/README.md, E1)."""
+
+    name: str
+    prepare_sql: bytes
+    execute_sql: str
+    constant_sql: bytes
+    """The whole EXECUTE for ``constant``: a call without arguments quotes nothing."""
+    constant: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, cursor: Any, raw: RawStatement, fixed: dict[str, Any], varying: tuple[str, ...],
+           constant: tuple[Any, ...], index: int) -> FixedPrepared:
+        sql = raw.sql
+        for number, name in enumerate(varying, 1):
+            sql = sql.replace(f"%({name})s", f"${number}")
+        params = raw.params(fixed)
+        body = cursor.mogrify(sql, params) if params else sql.replace("%%", "%").encode()
+        name = f"sqla_pq_f{index}_{hashlib.sha1(body).hexdigest()[:10]}"
+        signature = ", ".join(raw.types.get(n, "unknown") for n in varying)
+        execute = f"EXECUTE {name}(" + ", ".join(["%s"] * len(varying)) + ")"
+        return cls(name, f"PREPARE {name} ({signature}) AS ".encode() + body, execute,
+                   cursor.mogrify(execute, constant), constant)
+
+
+def run_fixed(cursor: Any, raw: RawStatement, fixed: dict[str, Any], key: Any,
+              varying: tuple[str, ...], values: tuple[Any, ...], constant: tuple[Any, ...],
+              cache: dict[Any, Any], in_transaction: bool = False) -> list[tuple[Any, ...]]:
+    """Run ``raw`` with ``fixed`` and ``dict(zip(varying, values))`` through a statement of
+    this connection prepared for ``key`` (a call plan) with ``fixed`` written in.  Falls back
+    to :func:`run_prepared` past :data:`MAX_FIXED_STATEMENTS` or when it cannot prepare."""
+    prepared = cache.get(key, _UNSEEN)
+    if prepared is _UNSEEN:
+        prepared = None
+        if cache.get(_FIXED_COUNT, 0) < MAX_FIXED_STATEMENTS:
+            prepared = FixedPrepared.of(cursor, raw, fixed, varying, constant, len(cache))
+            cache[_FIXED_COUNT] = cache.get(_FIXED_COUNT, 0) + 1
+            if not _try(cursor, prepared.prepare_sql, in_transaction):
+                prepared = None
+        cache[key] = prepared
+    if prepared is None:
+        return run_prepared(cursor, raw, {**fixed, **dict(zip(varying, values))}, cache,
+                            in_transaction)
+    try:
+        if values == prepared.constant:
+            cursor.execute(prepared.constant_sql)
+        else:
+            cursor.execute(prepared.execute_sql, values)
+    except Exception as exc:
+        if in_transaction or not _forget_lost_statements(cursor, exc, cache):
+            raise
+        return run_fixed(cursor, raw, fixed, key, varying, values, constant, cache)
+    return cursor.fetchall() if cursor.description is not None else []
+
+
+def _forget_lost_statements(cursor: Any, exc: BaseException, cache: dict[Any, Any]) -> bool:
+    """True, with the connection's statements forgotten, when ``exc`` says they are lost
+    (DISCARD ALL by a pool) or stale (a migration changed the columns a statement returns;
+    PostgreSQL refuses to run it again): the caller prepares afresh.  Outside a transaction
+    only, where the failed EXECUTE left nothing to roll back."""
+    code = sqlstate(exc)
+    if code == "0A000" and "cached plan must not change result type" in str(exc):
+        cursor.execute("DEALLOCATE ALL")
+    elif code != "26000":  # invalid_sql_statement_name
+        return False
+    cache.clear()
+    return True
+
+
+def _try(cursor: Any, sql: str | bytes, in_transaction: bool) -> bool:
     """Run a PREPARE; False when the statement cannot be prepared.  Inside a transaction a
     savepoint keeps the caller's transaction alive if it fails."""
     if in_transaction:

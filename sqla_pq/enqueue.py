@@ -110,6 +110,19 @@ def retry_delay(policy: Mapping[str, Any] | None, failures: int) -> float:
     return min(value, cap) if cap > 0 and factor > 1 else value
 
 
+class FixedInsert:
+    """The insert of one job with JSON arguments, and its parameters but ``args`` and
+    ``kwargs``: the same for every call of a plan.  Compared by identity, so a connection can
+    key the statement it prepared for this plan on it."""
+
+    __slots__ = ("statement", "fixed")
+    VARYING = ("args", "kwargs")
+
+    def __init__(self, statement: Any, fixed: dict[str, Any]) -> None:
+        self.statement = statement
+        self.fixed = fixed
+
+
 @dataclass
 class JobSpec:
     """One job row before insertion (the values of ``queries.INSERT_COLUMNS``)."""
@@ -172,15 +185,34 @@ class JobSpec:
         For JSON arguments only ``args`` and ``kwargs`` vary from call to call, so the statement
         and the other parameters are kept with the spec (shared by a plan's copies)."""
         e = self.encoded
-        if e.encoding != JSON or self.id is not None or self.signature is not None:
+        memo = self._fixed_insert()
+        if memo is None:
             return queries.job_insert_for(self.params())
+        return memo.statement, {**memo.fixed, "args": e.args_json, "kwargs": e.kwargs_json}
+
+    def planned_insert(self) -> FixedInsert | None:
+        """The insert shared by every call of one call plan (see :meth:`Queue.build_plain`), or
+        None for a spec built for one call: only a plan's statement is worth preparing with
+        its fixed values written in (:func:`~sqla_pq.db.run_fixed`)."""
+        if not self.__dict__.get("_planned"):
+            return None
+        return self._fixed_insert()
+
+    def _fixed_insert(self) -> FixedInsert | None:
+        e = self.encoded
+        if e.encoding != JSON or self.id is not None or self.signature is not None:
+            return None
         memo = self.__dict__.get("_json_insert")
         if memo is None:
             statement, given = queries.job_insert_for(self.params())
-            fixed = {k: v for k, v in given.items() if k not in ("args", "kwargs")}
-            memo = self.__dict__["_json_insert"] = (statement, fixed)
-        statement, fixed = memo
-        return statement, {**fixed, "args": e.args_json, "kwargs": e.kwargs_json}
+            fixed = {k: v for k, v in given.items() if k not in FixedInsert.VARYING}
+            memo = self.__dict__["_json_insert"] = FixedInsert(statement, fixed)
+        return memo
+
+    def mark_planned(self) -> None:
+        """This spec is a call plan's template: its copies are that plan's calls."""
+        self._fixed_insert()
+        self.__dict__["_planned"] = True
 
     def params(self) -> dict[str, Any]:
         e = self.encoded
@@ -481,7 +513,7 @@ class Queue:
         if options is not None and options.extra.get("expected_at") is not None:
             return None
         template = self.build(func)  # validates as every call would, raising the same errors
-        template.insert()  # made once here, for every job of the plan
+        template.mark_planned()  # the insert made once here, for every job of the plan
         template.job_values(JOB_ATTRIBUTE_DEFAULTS)
         return CallPlan(settings, generation, template)
 

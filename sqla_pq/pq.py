@@ -27,11 +27,20 @@ from .db import (
     engine_from,
     is_dbapi_connection_error,
     raise_if_schema_missing,
+    run_fixed,
     run_prepared,
     run_raw,
     translating_schema_errors,
 )
-from .enqueue import CallPlan, JobSpec, Queue, queue_for, queue_for_calls, split_options
+from .enqueue import (
+    CallPlan,
+    FixedInsert,
+    JobSpec,
+    Queue,
+    queue_for,
+    queue_for_calls,
+    split_options,
+)
 from .errors import (
     ConfigurationError,
     DuplicateClientId,
@@ -44,7 +53,7 @@ from .execution.call import ClaimedJob, ExecutionContext, Hooks, execute
 from .held_connection import HeldConnection, held_for
 from .held_connection import release as release_held
 from .record import cancel_dependants, notify, record_outcomes
-from .serialization import DILL, sign
+from .serialization import DILL, EncodedCall, sign
 from .settings import Settings
 from .states import FINAL_STATES, JobStatus
 from .tables import JOB_ATTRIBUTE_DEFAULTS, job_table
@@ -87,6 +96,10 @@ class SessionRunner:
             return []
 
 
+_NO_ARGUMENTS = ("[]", "{}")
+"""``args`` and ``kwargs`` of a call without arguments (:func:`~sqla_pq.serialization.encode_call`)."""
+
+
 class CursorRunner:
     """Runs compiled statements on a DBAPI cursor (PQ's own short transactions), prepared
     once per pooled connection when ``prepared`` holds that connection's cache."""
@@ -107,6 +120,17 @@ class CursorRunner:
         if self.prepared is None or not prepare:
             return run_raw(self.cursor, raw, params)
         return run_prepared(self.cursor, raw, params, self.prepared, self.in_transaction)
+
+    def run_planned(self, insert: FixedInsert, encoded: EncodedCall) -> list[tuple[Any, ...]]:
+        """A call plan's insert: its fixed values written into a statement this connection
+        prepares once for the plan, so a call sends only its arguments."""
+        raw = compile_raw(insert.statement, self.dialect, self.schema)
+        values = (encoded.args_json, encoded.kwargs_json)
+        if self.prepared is None:
+            return run_raw(self.cursor, raw, {**insert.fixed, "args": values[0],
+                                              "kwargs": values[1]})
+        return run_fixed(self.cursor, raw, insert.fixed, insert, FixedInsert.VARYING, values,
+                         _NO_ARGUMENTS, self.prepared, self.in_transaction)
 
 
 class _OwnCursor:
@@ -393,11 +417,17 @@ class PQ:
             self.settings.secret_keys and spec.encoded.encoding == DILL
         ):
             return self._insert([spec], session=session)[0]
-        statement, given = spec.insert()
+        planned = spec.planned_insert()
+        if planned is not None:
+            def once() -> list[tuple[Any, ...]]:
+                with self._cursor() as runner:
+                    return runner.run_planned(planned, spec.encoded)
+        else:
+            statement, given = spec.insert()
 
-        def once() -> list[tuple[Any, ...]]:
-            with self._cursor() as runner:
-                return runner.run(statement, given)
+            def once() -> list[tuple[Any, ...]]:
+                with self._cursor() as runner:
+                    return runner.run(statement, given)
 
         rows = self._retrying(once)
         if not rows:

@@ -288,13 +288,18 @@ def test_a_plain_enqueue_sends_only_its_set_columns_and_the_row_equals_the_retur
     from sqla_pq.tables import job_table
 
     sent: list[str] = []
-    real = db.run_prepared
+    real, real_fixed = db.run_prepared, db.run_fixed
 
     def spy(cursor, raw, params, cache, in_transaction=False):
         sent.append(raw.sql)
         return real(cursor, raw, params, cache, in_transaction)
 
+    def spy_fixed(cursor, raw, *args, **kwargs):  # a plan's call: its statement, prepared once
+        sent.append(raw.sql)
+        return real_fixed(cursor, raw, *args, **kwargs)
+
     monkeypatch.setattr("sqla_pq.pq.run_prepared", spy)
+    monkeypatch.setattr("sqla_pq.pq.run_fixed", spy_fixed)
     plain = pq.enqueue(tasks.add, 1, 2)
     delayed = pq.enqueue(tasks.add, 1, 2, run_at=dt.timedelta(seconds=30))
     keyed = pq.enqueue(tasks.add, 1, 2, client_id="keyed")
