@@ -348,13 +348,15 @@ def run_fixed(cursor: Any, raw: RawStatement, fixed: dict[str, Any], key: Any,
     to :func:`run_prepared` past :data:`MAX_FIXED_STATEMENTS` or when it cannot prepare."""
     prepared = cache.get(key, _UNSEEN)
     if prepared is _UNSEEN:
-        prepared = None
-        if cache.get(_FIXED_COUNT, 0) < MAX_FIXED_STATEMENTS:
+        count = cache.get(_FIXED_COUNT, 0)
+        if count >= MAX_FIXED_STATEMENTS:  # not remembered: plans that come and go past the
+            prepared = None                # cap must not grow the connection's cache
+        else:
+            cache[_FIXED_COUNT] = count + 1
             prepared = FixedPrepared.of(cursor, raw, fixed, varying, constant, len(cache))
-            cache[_FIXED_COUNT] = cache.get(_FIXED_COUNT, 0) + 1
             if not _try(cursor, prepared.prepare_sql, in_transaction):
                 prepared = None
-        cache[key] = prepared
+            cache[key] = prepared
     if prepared is None:
         return run_prepared(cursor, raw, {**fixed, **dict(zip(varying, values))}, cache,
                             in_transaction)

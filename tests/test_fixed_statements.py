@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from sqla_pq import db
+from sqla_pq.enqueue import FixedInsert
 from sqla_pq.tables import job_table
 from tests import tasks
 from tests.helpers import rows
@@ -70,6 +71,17 @@ def test_past_the_cap_plans_share_the_generic_statement(pq, monkeypatch):
     assert [j.args for j in jobs] == [[1, 2], [3], [4], [5, 6]]
     for job in jobs:
         _same_as_stored(pq, job)
+
+
+def test_plans_past_the_cap_are_not_remembered_by_the_connection(pq, monkeypatch):
+    """Call plans come and go (``MAX_CALL_PLANS``); the ones past the cap must not pile up."""
+    monkeypatch.setattr(db, "MAX_FIXED_STATEMENTS", 1)
+    for i in range(20):
+        assert pq.queue(f"cap{i}").enqueue(tasks.add, i, i).queue == f"cap{i}"
+    with pq._cursor() as runner:
+        remembered = [key for key in runner.prepared if isinstance(key, FixedInsert)]
+    assert len(remembered) == 1
+    assert rows(pq.engine, "SELECT count(DISTINCT queue) FROM pq_job") == [(20,)]
 
 
 def test_a_connection_that_lost_its_statements_prepares_them_again(pq):
