@@ -122,6 +122,10 @@ class FixedInsert:
         self.statement = statement
         self.fixed = fixed
 
+    def params(self, encoded: EncodedCall) -> dict[str, Any]:
+        """Every parameter of the insert of this call."""
+        return {**self.fixed, "args": encoded.args_json, "kwargs": encoded.kwargs_json}
+
 
 @dataclass
 class JobSpec:
@@ -184,11 +188,10 @@ class JobSpec:
         """``queries.job_insert_for(self.params())``: the one-job insert and its parameters.
         For JSON arguments only ``args`` and ``kwargs`` vary from call to call, so the statement
         and the other parameters are kept with the spec (shared by a plan's copies)."""
-        e = self.encoded
         memo = self._fixed_insert()
         if memo is None:
             return queries.job_insert_for(self.params())
-        return memo.statement, {**memo.fixed, "args": e.args_json, "kwargs": e.kwargs_json}
+        return memo.statement, memo.params(self.encoded)
 
     def planned_insert(self) -> FixedInsert | None:
         """The insert shared by every call of one call plan (see :meth:`Queue.build_plain`), or

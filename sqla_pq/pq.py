@@ -53,7 +53,7 @@ from .execution.call import ClaimedJob, ExecutionContext, Hooks, execute
 from .held_connection import HeldConnection, held_for
 from .held_connection import release as release_held
 from .record import cancel_dependants, notify, record_outcomes
-from .serialization import DILL, EncodedCall, sign
+from .serialization import DILL, NO_ARGUMENTS_JSON, EncodedCall, sign
 from .settings import Settings
 from .states import FINAL_STATES, JobStatus
 from .tables import JOB_ATTRIBUTE_DEFAULTS, job_table
@@ -96,10 +96,6 @@ class SessionRunner:
             return []
 
 
-_NO_ARGUMENTS = ("[]", "{}")
-"""``args`` and ``kwargs`` of a call without arguments (:func:`~sqla_pq.serialization.encode_call`)."""
-
-
 class CursorRunner:
     """Runs compiled statements on a DBAPI cursor (PQ's own short transactions), prepared
     once per pooled connection when ``prepared`` holds that connection's cache."""
@@ -124,13 +120,12 @@ class CursorRunner:
     def run_planned(self, insert: FixedInsert, encoded: EncodedCall) -> list[tuple[Any, ...]]:
         """A call plan's insert: its fixed values written into a statement this connection
         prepares once for the plan, so a call sends only its arguments."""
-        raw = compile_raw(insert.statement, self.dialect, self.schema)
-        values = (encoded.args_json, encoded.kwargs_json)
         if self.prepared is None:
-            return run_raw(self.cursor, raw, {**insert.fixed, "args": values[0],
-                                              "kwargs": values[1]})
-        return run_fixed(self.cursor, raw, insert.fixed, insert, FixedInsert.VARYING, values,
-                         _NO_ARGUMENTS, self.prepared, self.in_transaction)
+            return self.run(insert.statement, insert.params(encoded))
+        raw = compile_raw(insert.statement, self.dialect, self.schema)
+        return run_fixed(self.cursor, raw, insert.fixed, insert, FixedInsert.VARYING,
+                         (encoded.args_json, encoded.kwargs_json), NO_ARGUMENTS_JSON,
+                         self.prepared, self.in_transaction)
 
 
 class _OwnCursor:

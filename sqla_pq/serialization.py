@@ -133,6 +133,10 @@ class EncodedCall:
     kwargs_value: dict[str, Any] | None = None
 
 
+NO_ARGUMENTS_JSON = ("[]", "{}")
+"""``args_json`` and ``kwargs_json`` of a call without arguments."""
+
+
 def encode_call(
     args: Sequence[Any],
     kwargs: dict[str, Any],
@@ -145,7 +149,7 @@ def encode_call(
     """Encode a call's arguments (and the bound instance of a method, which forces dill)."""
     if instance is None and not args and not kwargs:  # the commonest call, without the encoder
         _check_size(4, max_bytes, warn_bytes, what)
-        return EncodedCall(JSON, "[]", "{}", None, 4, [], {})
+        return EncodedCall(JSON, *NO_ARGUMENTS_JSON, None, 4, [], {})
     if instance is None:
         try:
             av = to_json_value(list(args))
