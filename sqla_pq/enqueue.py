@@ -194,7 +194,7 @@ class JobSpec:
         return memo.statement, memo.params(self.encoded)
 
     def planned_insert(self) -> FixedInsert | None:
-        """The insert shared by every call of one call plan (see :meth:`Queue.build_plain`), or
+        """The insert shared by every call of one call plan (see :meth:`Queue.call_plan`), or
         None for a spec built for one call: only a plan's statement is worth preparing with
         its fixed values written in (:func:`~sqla_pq.db.run_fixed`)."""
         if not self.__dict__.get("_planned"):
@@ -259,6 +259,18 @@ class CallPlan:
     generation: int
     """The task registry's generation (:func:`~sqla_pq.tasks.registry_generation`)."""
     template: JobSpec
+    insert: FixedInsert | None
+    """The template's insert with JSON arguments (:meth:`JobSpec.planned_insert`)."""
+    job_values: dict[str, Any]
+    """The attributes of every Job of the plan with JSON arguments, but its arguments and what
+    the insert returns (``queries.INSERT_RETURNING``): copied, not rebuilt, for each call."""
+
+    @classmethod
+    def of(cls, settings: Settings, generation: int, template: JobSpec) -> CallPlan:
+        template.mark_planned()  # the insert made once here, for every job of the plan
+        values = dict(template.job_values(JOB_ATTRIBUTE_DEFAULTS))
+        values.update(encoding=JSON, payload=None, signature=None, waiting_on=0, error=None)
+        return cls(settings, generation, template, template.planned_insert(), values)
 
 
 MAX_CALL_PLANS = 256
@@ -476,34 +488,29 @@ class Queue:
             )
         return spec
 
-    def build_plain(self, func: Any, args: Sequence[Any] = (),
-                    kwargs: Mapping[str, Any] | None = None) -> JobSpec:
-        """``build(func, args, kwargs)`` without options, from a plan of the task's and the
-        queue's defaults made at its first call and kept by the PQ (``pq.enqueue`` makes a
-        Queue per call): resolving them cost as much Python as the rest of a plain enqueue
-        (see benchmarks/README.md, E1).  A plan is made again when the settings, the task
-        registry or the queue's defaults change."""
+    def call_plan(self, func: Any) -> CallPlan | None:
+        """The plan of a call of ``func`` without options: the task's and the queue's defaults
+        resolved at its first call and kept by the PQ (``pq.enqueue`` makes a Queue per call),
+        since resolving them cost as much Python as the rest of a plain enqueue (see
+        benchmarks/README.md, E1).  Made again when the settings, the task registry or the
+        queue's defaults change; None for a call that must be built each time."""
         plans = self.pq._call_plans
         key = (self.name, self.serial, self.timeout, self.result_ttl, self.priority,
                self.max_retries, self.retry_in, func)
         try:
             plan = plans.get(key)
         except TypeError:  # an unhashable callable, or retry_in given as a dict
-            return self.build(func, args, kwargs)
+            return None
         settings = self.pq.settings
         if (plan is None or plan.settings is not settings
                 or plan.generation != registry_generation()):
             plan = self._plan(func, settings)
             if plan is None:
-                return self.build(func, args, kwargs)
+                return None
             if len(plans) >= MAX_CALL_PLANS:
                 plans.clear()
             plans[key] = plan
-        template = plan.template
-        return template.with_encoded(encode_call(
-            args, kwargs or {}, max_bytes=settings.max_payload_bytes,
-            warn_bytes=settings.warn_payload_bytes, what=template.task or "",
-        ))
+        return plan
 
     def _plan(self, func: Any, settings: Settings) -> CallPlan | None:
         """None for what must be built at every call: a bound method (it travels with its
@@ -516,9 +523,7 @@ class Queue:
         if options is not None and options.extra.get("expected_at") is not None:
             return None
         template = self.build(func)  # validates as every call would, raising the same errors
-        template.mark_planned()  # the insert made once here, for every job of the plan
-        template.job_values(JOB_ATTRIBUTE_DEFAULTS)
-        return CallPlan(settings, generation, template)
+        return CallPlan.of(settings, generation, template)
 
     # -- enqueueing ----------------------------------------------------------------------------
 
@@ -539,10 +544,17 @@ class Queue:
         **options: Any,
     ) -> Job:
         """Enqueue with the task's arguments and the job's options kept apart (RQ's form)."""
-        if options:
+        plan = None if options else self.call_plan(func)
+        if plan is None:
             spec = self.build(func, args, kwargs, **options)
         else:
-            spec = self.build_plain(func, args, kwargs)
+            settings = plan.settings
+            encoded = encode_call(args, kwargs or {}, max_bytes=settings.max_payload_bytes,
+                                  warn_bytes=settings.warn_payload_bytes,
+                                  what=plan.template.task or "")
+            if self.is_async and self.session is None:
+                return self.pq._insert_planned(plan, encoded)
+            spec = plan.template.with_encoded(encoded)
         if not self.is_async:
             return self.pq._run_inline(spec, session=self.session)
         return self.pq._insert_one(spec, session=self.session)

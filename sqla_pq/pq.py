@@ -53,7 +53,7 @@ from .execution.call import ClaimedJob, ExecutionContext, Hooks, execute
 from .held_connection import HeldConnection, held_for
 from .held_connection import release as release_held
 from .record import cancel_dependants, notify, record_outcomes
-from .serialization import DILL, NO_ARGUMENTS_JSON, EncodedCall, sign
+from .serialization import DILL, JSON, NO_ARGUMENTS_JSON, EncodedCall, sign
 from .settings import Settings
 from .states import FINAL_STATES, JobStatus
 from .tables import JOB_ATTRIBUTE_DEFAULTS, job_table
@@ -219,7 +219,7 @@ class PQ:
         zope.sqlalchemy's ``mark_changed`` here."""
         self._held: HeldConnection | bool | None = None
         self._call_plans: dict[Any, CallPlan] = {}
-        """Queue.build_plain's plans, for every Queue of this PQ."""
+        """Queue.call_plan's plans, for every Queue of this PQ."""
         self.metrics_hooks: list[MetricsHook] = []
         """Called by this PQ's workers with a :class:`~sqla_pq.metrics.JobMetric` per attempt
         recorded (see :meth:`add_metrics_hook`)."""
@@ -428,6 +428,30 @@ class PQ:
         if not rows:
             raise _duplicate(spec.client_id)
         return self._job_from(spec, _NO_PARENTS, rows[0])
+
+    def _insert_planned(self, plan: CallPlan, encoded: EncodedCall) -> Job:
+        """A plain call of a call plan in its own transaction: one EXECUTE of the statement
+        this connection prepared for the plan, and a Job copied from the plan's values, with
+        no per-call spec (:meth:`_insert_one` does the same for any spec; see E1 in
+        benchmarks/README.md for what each step cost)."""
+        insert = plan.insert
+        if insert is None or encoded.encoding != JSON:
+            return self._insert_one(plan.template.with_encoded(encoded))
+
+        def once() -> list[tuple[Any, ...]]:
+            with self._cursor() as runner:
+                return runner.run_planned(insert, encoded)
+
+        rows = self._retrying(once)
+        if not rows:
+            raise _duplicate(plan.template.client_id)
+        values = plan.job_values.copy()
+        values["id"], values["status"], values["run_at"], values["enqueued_at"] = rows[0]
+        values["args"] = encoded.args_value
+        values["kwargs"] = encoded.kwargs_value
+        if values["retry_policy"] is not None:  # a plan's jobs must not share one dict
+            values["retry_policy"] = dict(values["retry_policy"])
+        return self._bind(_detached_job(values))
 
     def _insert_uniform(self, template: JobSpec, encodeds: Sequence[Any],
                         session: Session | None = None) -> Sequence[Job]:

@@ -34,6 +34,25 @@ def test_a_planned_enqueue_makes_the_job_build_makes(pq):
     assert [key[-1] for key in pq._call_plans] == [tasks.add], "the plan was not kept"
 
 
+def test_every_column_of_a_planned_calls_job_is_its_stored_row(pq, Session):
+    """A plan's Job is copied from values kept with the plan, not read back: every column must
+    still be the row's, whatever the call brings (no arguments, JSON, arguments only dill can
+    carry) and wherever it goes (its own transaction, a session's)."""
+    queue = pq.queue("plans", timeout="30s", result_ttl=60, priority=70, max_retries=2,
+                     retry_in="5s")
+    jobs = [queue.enqueue(tasks.nothing), queue.enqueue(tasks.echo, 1, "two", three=[3]),
+            queue.enqueue(tasks.echo, {1, 2}),  # a set: dill, so the plan's insert is not used
+            queue.enqueue(tasks.nothing)]
+    assert jobs[2].encoding == "dill" and jobs[1].encoding == "json"
+    with Session() as session, session.begin():
+        jobs.append(pq.queue("plans", session=session).enqueue(tasks.add, 1, 2))
+    assert jobs[0].retry_policy is not jobs[3].retry_policy, "jobs of a plan share a dict"
+    for job in jobs:
+        stored = pq.get_job(job.id)
+        for column in job_table.columns:
+            assert getattr(stored, column.key) == getattr(job, column.key), (job.id, column.key)
+
+
 def test_the_returned_job_is_detached_loaded_and_unmodified(pq):
     job = pq.enqueue(tasks.add, 1, 2)
     state = inspect(job)
