@@ -188,20 +188,14 @@ class JobSpec:
         """``queries.job_insert_for(self.params())``: the one-job insert and its parameters.
         For JSON arguments only ``args`` and ``kwargs`` vary from call to call, so the statement
         and the other parameters are kept with the spec (shared by a plan's copies)."""
-        memo = self._fixed_insert()
+        memo = self.fixed_insert()
         if memo is None:
             return queries.job_insert_for(self.params())
         return memo.statement, memo.params(self.encoded)
 
-    def planned_insert(self) -> FixedInsert | None:
-        """The insert shared by every call of one call plan (see :meth:`Queue.call_plan`), or
-        None for a spec built for one call: only a plan's statement is worth preparing with
-        its fixed values written in (:func:`~sqla_pq.db.run_fixed`)."""
-        if not self.__dict__.get("_planned"):
-            return None
-        return self._fixed_insert()
-
-    def _fixed_insert(self) -> FixedInsert | None:
+    def fixed_insert(self) -> FixedInsert | None:
+        """The insert of this spec's jobs with JSON arguments, made once and kept with the spec;
+        None when it takes another encoding, an id or a signature."""
         e = self.encoded
         if e.encoding != JSON or self.id is not None or self.signature is not None:
             return None
@@ -211,11 +205,6 @@ class JobSpec:
             fixed = {k: v for k, v in given.items() if k not in FixedInsert.VARYING}
             memo = self.__dict__["_json_insert"] = FixedInsert(statement, fixed)
         return memo
-
-    def mark_planned(self) -> None:
-        """This spec is a call plan's template: its copies are that plan's calls."""
-        self._fixed_insert()
-        self.__dict__["_planned"] = True
 
     def params(self) -> dict[str, Any]:
         e = self.encoded
@@ -260,17 +249,18 @@ class CallPlan:
     """The task registry's generation (:func:`~sqla_pq.tasks.registry_generation`)."""
     template: JobSpec
     insert: FixedInsert | None
-    """The template's insert with JSON arguments (:meth:`JobSpec.planned_insert`)."""
+    """The template's insert with JSON arguments (:meth:`JobSpec.fixed_insert`).  Only a
+    plan's insert is worth preparing with its fixed values written in
+    (:func:`~sqla_pq.db.run_fixed`): a spec built for one call would prepare per call."""
     job_values: dict[str, Any]
     """The attributes of every Job of the plan with JSON arguments, but its arguments and what
     the insert returns (``queries.INSERT_RETURNING``): copied, not rebuilt, for each call."""
 
     @classmethod
     def of(cls, settings: Settings, generation: int, template: JobSpec) -> CallPlan:
-        template.mark_planned()  # the insert made once here, for every job of the plan
         values = dict(template.job_values(JOB_ATTRIBUTE_DEFAULTS))
         values.update(encoding=JSON, payload=None, signature=None, waiting_on=0, error=None)
-        return cls(settings, generation, template, template.planned_insert(), values)
+        return cls(settings, generation, template, template.fixed_insert(), values)
 
 
 MAX_CALL_PLANS = 256

@@ -412,17 +412,11 @@ class PQ:
             self.settings.secret_keys and spec.encoded.encoding == DILL
         ):
             return self._insert([spec], session=session)[0]
-        planned = spec.planned_insert()
-        if planned is not None:
-            def once() -> list[tuple[Any, ...]]:
-                with self._cursor() as runner:
-                    return runner.run_planned(planned, spec.encoded)
-        else:
-            statement, given = spec.insert()
+        statement, given = spec.insert()
 
-            def once() -> list[tuple[Any, ...]]:
-                with self._cursor() as runner:
-                    return runner.run(statement, given)
+        def once() -> list[tuple[Any, ...]]:
+            with self._cursor() as runner:
+                return runner.run(statement, given)
 
         rows = self._retrying(once)
         if not rows:
@@ -449,9 +443,7 @@ class PQ:
         values["id"], values["status"], values["run_at"], values["enqueued_at"] = rows[0]
         values["args"] = encoded.args_value
         values["kwargs"] = encoded.kwargs_value
-        if values["retry_policy"] is not None:  # a plan's jobs must not share one dict
-            values["retry_policy"] = dict(values["retry_policy"])
-        return self._bind(_detached_job(values))
+        return self._new_job(values)
 
     def _insert_uniform(self, template: JobSpec, encodeds: Sequence[Any],
                         session: Session | None = None) -> Sequence[Job]:
@@ -569,14 +561,19 @@ class PQ:
 
     def _job_from(self, spec: JobSpec, param: dict[str, Any], row: Any) -> Job:
         values = dict(spec.job_values(JOB_ATTRIBUTE_DEFAULTS))
-        if values["retry_policy"] is not None:  # a plan's jobs must not share one dict
-            values["retry_policy"] = dict(values["retry_policy"])
         e = spec.encoded
         values.update(
             id=row[0], status=row[1], run_at=row[2], enqueued_at=row[3], encoding=e.encoding,
             args=e.args_value, kwargs=e.kwargs_value, payload=e.payload, signature=spec.signature,
             waiting_on=param.get("waiting_on", 0), error=param.get("error"),
         )
+        return self._new_job(values)
+
+    def _new_job(self, values: dict[str, Any]) -> Job:
+        """This PQ's Job of ``values``, a fresh copy of values kept for many jobs (a spec's, a
+        plan's): the one dict among them must not be shared either."""
+        if values["retry_policy"] is not None:
+            values["retry_policy"] = dict(values["retry_policy"])
         return self._bind(_detached_job(values))
 
     def _bind(self, job: Job) -> Job:
