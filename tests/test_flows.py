@@ -112,12 +112,15 @@ def test_a_multi_step_job_passes_its_workspace_from_task_to_task(pq, worker_env)
     assert tasks.created[-1] == job.id, "the creation hook runs in the creating process"
     w = WorkerProcess(worker_env, ["dbq", "--burst", "-I", "tests.jobdefs"])
     assert w.wait(60) == 0, w.output()
+    output = w.output()  # stop() removes it
     w.stop()
     done = pq.get_job(job.id)
     assert done.status == "succeeded" and done.return_value() == "HELLO, TASK 2!"
     assert done.workspace["key"] == "value" and done.workspace["seen"] == "Hello, task 2!"
     assert len(done.workspace["pids"]) == 2 and done.step == 1
-    assert done.attempts == 2, "each task is one claim (django-db-queue's READY in between)"
+    assert done.attempts == 2, (  # each task is one claim (django-db-queue's READY in between)
+        f"attempts {done.attempts}, interruptions {done.interruptions}, error {done.error!r}; "
+        f"worker output:\n{output}")
 
 
 def test_the_failure_hook_gets_the_job_and_the_exception_in_the_worker(pq, tmp_path):
