@@ -116,8 +116,8 @@ class Heartbeat(threading.Thread):
         self._failures = 0
         self.last_ok = sent_at
         renewed_ids = set(renewed or ())
-        w.leases_renewed(renewed_ids, sent_at)
-        lost = set(held) - renewed_ids
+        w.leases_renewed({i: a for i, a in held.items() if i in renewed_ids}, sent_at)
+        lost = {i: a for i, a in held.items() if i not in renewed_ids}
         if lost:
             w.leases_lost(lost)
         if stop:
@@ -229,7 +229,8 @@ class Worker:
         self._lock = threading.Lock()
         self._held: dict[int, ClaimedJob] = {}
         """Jobs claimed and not yet recorded; their leases are the heartbeat's to renew."""
-        self._lost: set[int] = set()
+        self._lost: dict[int, int] = {}
+        """Attempts whose leases the heartbeat could not renew, by job id."""
         self._renewed_ids: set[int] = set()
         s = self.settings
         self.lease_guard = s.lease_seconds - 0.5 * s.heartbeat
@@ -448,21 +449,27 @@ class Worker:
         with self._lock:
             return {job_id: job.attempts for job_id, job in self._held.items()}
 
-    def leases_renewed(self, job_ids: set[int], at: float) -> None:
+    def leases_renewed(self, renewed: dict[int, int], at: float) -> None:
+        """The heartbeat renewed these attempts (attempt number by job id).  Only the attempt
+        still held counts: the job may have been recorded and claimed again by this worker (the
+        next step of a multi-step job, a retry) while the heartbeat's statement ran."""
         with self._lock:
-            for job_id in job_ids:
+            current: set[int] = set()
+            for job_id, attempt in renewed.items():
                 job = self._held.get(job_id)
-                if job is not None:
+                if job is not None and job.attempts == attempt:
                     job.extra["lease_ok_at"] = at
+                    current.add(job_id)
             if self.isolation == "fork":
-                self._renewed_ids |= job_ids
-        if job_ids and self.isolation == "fork":
+                self._renewed_ids |= current
+        if current and self.isolation == "fork":
             self._wake()
 
-    def leases_lost(self, job_ids: set[int]) -> None:
-        """These jobs' leases had expired: the rescuer may have given them to another worker."""
+    def leases_lost(self, lost: dict[int, int]) -> None:
+        """These attempts' leases had expired (attempt number by job id): the rescuer may
+        have given them to another worker."""
         with self._lock:
-            self._lost |= job_ids
+            self._lost.update(lost)
         self._wake()
 
     def _check_leases(self, now: float) -> None:
@@ -471,7 +478,7 @@ class Worker:
         if not (self._lost or self._renewed_ids) and (self._lease_due is None or now < self._lease_due):
             return  # the common case, at every turn of the loop: nothing to do
         with self._lock:
-            lost, self._lost = self._lost, set()
+            lost, self._lost = self._lost, {}
             renewed, self._renewed_ids = self._renewed_ids, set()
         if renewed:
             self.executor.renew_leases(renewed)
@@ -481,10 +488,11 @@ class Worker:
             if job.extra.get("fenced"):
                 continue
             doubt_at = job.extra.get("lease_ok_at", now) + self.lease_guard
-            if job.id in lost or now >= doubt_at:
+            expired = lost.get(job.id) == job.attempts  # not a lease of an earlier attempt
+            if expired or now >= doubt_at:
                 job.extra["fenced"] = True
                 stop.add(job.id)
-                why = ("its lease had expired" if job.id in lost else
+                why = ("its lease had expired" if expired else
                        f"its lease was not renewed for {now - job.extra.get('lease_ok_at', now):.1f}s")
                 log.error("stopping job %s: %s (this worker was frozen, or could not reach the "
                           "database), so another worker may run it; it goes back to the queue",

@@ -194,6 +194,11 @@ def step_two(job: Any) -> str:
     return job.workspace["message"].upper()
 
 
+def tick(job: Any) -> None:
+    time.sleep(0.02)
+    job.workspace["ticks"] = job.workspace.get("ticks", 0) + 1
+
+
 def step_fails(job: Any) -> None:
     raise RuntimeError(f"step failed with workspace {sorted(job.workspace)}")
 

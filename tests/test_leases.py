@@ -63,6 +63,31 @@ def test_a_live_lease_is_renewed_and_a_missing_worker_row_is_written_again(pq, e
     assert done.attempts == 1 and done.interruptions == 0, "a live lease was treated as lost"
 
 
+@pytest.mark.parametrize("isolation", ["thread", "fork"])
+def test_a_heartbeat_of_an_earlier_attempt_does_not_stop_the_same_jobs_next_attempt(Session, isolation):
+    # A multi-step job goes back to the queue after each task and this worker claims it again
+    # at once.  A heartbeat that read the held attempts just before renews nothing for the
+    # old attempt: that is no loss of the new one.  Here every heartbeat's statement goes out
+    # 50 ms after it read them, while steps take 20 ms, so each one meets the race.
+    pq = PQ(Session, heartbeat=0.01, lease=2)
+    pq.define_job("many_ticks", tasks=["tests.tasks.tick"] * 20)
+    job = pq.create_job("many_ticks", workspace={})
+    with BackgroundWorker(pq, ["default"], isolation=isolation, maintenance=False) as worker:
+        read_held = worker.held
+
+        def late_held() -> dict[int, int]:
+            held = read_held()
+            time.sleep(0.05)
+            return held
+
+        worker.held = late_held
+        wait_until(lambda: pq.get_job(job.id).status in ("succeeded", "failed"), 60,
+                   message="the 20 steps to run")
+    done = pq.get_job(job.id)
+    assert done.status == "succeeded" and done.workspace["ticks"] == 20
+    assert (done.interruptions, done.attempts) == (0, 20), "a live attempt was stopped as lost"
+
+
 @pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "worker-forks"])
 def test_a_fork_child_whose_lease_is_never_renewed_stops_itself_and_is_given_back(pq, fork_server):
     """The parent may be frozen: the fork server (or, when the worker forked the child, the
